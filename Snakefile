@@ -1,0 +1,28 @@
+# RA-MoE: routing-aligned fine-tuning of Mixture-of-Experts LLMs.
+#
+# Data flow (every path below results/):
+#   data/{task}.parquet                         parallel task examples, all languages
+#   models/{model}/                             pretrained tiny MoE (model.source: pretrain)
+#   eval/{model}/base/{task}/{lang}.parquet     per-example base-model correctness
+#   categories/{model}/{task}.parquet           cc/ci/ic/ii per train item and target language
+#   tables/*.csv, figures/*.{pdf,png}           the paper's tables and figures
+# Logs mirror output paths under results/logs/, timings under results/benchmarks/.
+
+from snakemake.utils import min_version
+
+min_version("9.27")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/pretrain.smk"
+include: "rules/evaluate.smk"
+include: "rules/categories.smk"
+
+
+rule all:
+    input:
+        get_final_outputs(),

@@ -1,0 +1,35 @@
+# cc/ci/ic/ii: English correctness (first letter) joined with target correctness on train items.
+
+
+rule categories:
+    input:
+        get_task_evaluations,
+    output:
+        "results/categories/{model}/{task}.parquet",
+    log:
+        "results/logs/categories/{model}/{task}.log",
+    script:
+        "../workflow/scripts/categories.py"
+
+
+rule categories_table:
+    input:
+        expand("results/categories/{model}/{task}.parquet", model=MODEL, task=TASKS),
+    output:
+        "results/tables/categories.csv",
+    log:
+        "results/logs/tables/categories.log",
+    script:
+        "../workflow/scripts/categories_table.py"
+
+
+rule plot_categories:
+    input:
+        table="results/tables/categories.csv",
+    output:
+        pdf="results/figures/categories.pdf",
+        png="results/figures/categories.png",
+    log:
+        "results/logs/figures/categories.log",
+    script:
+        "../workflow/scripts/plot_categories.py"

@@ -1,0 +1,60 @@
+# Config validation, wildcard constraints and input functions shared by every rule file.
+
+import json
+
+from ramoe.config import validate_config
+
+# Validate before any job is planned: a misspelt key or an out-of-range value stops the run here.
+config = validate_config(config)
+
+MODEL = config["model"]["name"]
+TASKS = config["tasks"]
+TARGET_LANGS = config["target_languages"]
+LANGS = ["en", *TARGET_LANGS]
+
+
+wildcard_constraints:
+    model=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    task="|".join(TASKS),
+    lang="|".join(LANGS),
+
+
+def section(*keys):
+    """A config section as canonical JSON, so that a rule reruns exactly when that section changes."""
+    node = config
+    for key in keys:
+        node = node[key]
+    return json.dumps(node, sort_keys=True)
+
+
+def get_model_input(wildcards):
+    """The checkpoint folder a rule depends on; empty for local folders and hub ids, which are loaded as params."""
+    if config["model"]["source"] == "pretrain":
+        return f"results/models/{wildcards.model}"
+    return []
+
+
+def get_model_source(wildcards):
+    model = config["model"]
+    if model["source"] == "pretrain":
+        return {"kind": "local", "path": f"results/models/{wildcards.model}", "revision": None, "dtype": model["dtype"]}
+    if model["source"] == "local":
+        return {"kind": "local", "path": model["path"], "revision": None, "dtype": model["dtype"]}
+    return {"kind": "hub", "path": model["hub_id"], "revision": model.get("revision"), "dtype": model["dtype"]}
+
+
+def get_base_evaluations(wildcards):
+    return expand("results/eval/{model}/base/{task}/{lang}.parquet", model=MODEL, task=TASKS, lang=LANGS)
+
+
+def get_task_evaluations(wildcards):
+    return expand("results/eval/{model}/base/{task}/{lang}.parquet", model=wildcards.model, task=wildcards.task, lang=LANGS)
+
+
+def get_final_outputs():
+    return [
+        "results/tables/accuracy_base.csv",
+        "results/tables/categories.csv",
+        "results/figures/categories.pdf",
+        "results/figures/categories.png",
+    ]

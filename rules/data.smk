@@ -1,0 +1,42 @@
+# Parallel task data: the synthetic world, or real datasets from local files or the hub.
+
+if config["data"]["source"] == "synthetic":
+
+    rule synthetic_world:
+        output:
+            tasks=expand("results/data/{task}.parquet", task=TASKS),
+            corpus="results/data/pretrain_corpus.txt",
+            general="results/data/general_text.txt",
+        params:
+            synthetic=section("data", "synthetic"),
+            tasks=TASKS,
+            langs=TARGET_LANGS,
+        log:
+            "results/logs/data/synthetic_world.log",
+        script:
+            "../workflow/scripts/synthetic_world.py"
+
+else:
+
+    rule real_task:
+        output:
+            "results/data/{task}.parquet",
+        params:
+            loader=lambda wildcards: config["data"]["real"]["tasks"][wildcards.task],
+            test_fraction=config["data"]["real"]["test_fraction"],
+            split_seed=config["data"]["real"]["split_seed"],
+            langs=LANGS,
+        log:
+            "results/logs/data/real_task/{task}.log",
+        script:
+            "../workflow/scripts/real_task.py"
+
+    rule pretrain_corpus:
+        input:
+            expand("results/data/{task}.parquet", task=TASKS),
+        output:
+            "results/data/pretrain_corpus.txt",
+        log:
+            "results/logs/data/pretrain_corpus.log",
+        script:
+            "../workflow/scripts/pretrain_corpus.py"

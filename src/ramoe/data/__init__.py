@@ -1,0 +1,1 @@
+"""Parallel task data: the shared schema, the synthetic world's writer and real-dataset loaders."""

@@ -1,0 +1,1 @@
+"""Tokenizers and MoE models: building tiny ones, loading any from a folder or the hub."""

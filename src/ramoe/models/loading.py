@@ -1,0 +1,72 @@
+"""Load a causal-LM checkpoint and its tokenizer from a local folder or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def load_model(source: Mapping, *, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the model described by ``source`` in eval mode.
+
+    ``source`` has ``kind`` (``local`` or ``hub``), ``path`` (a folder or a hub id), ``revision``
+    and ``dtype``. A hub id fails at once when the hub is offline, instead of waiting on the network.
+    """
+    kind, path, dtype_name = source["kind"], source["path"], source.get("dtype", "float32")
+    if dtype_name not in DTYPES:
+        raise ValueError(f"model dtype {dtype_name!r} is not one of {sorted(DTYPES)}.")
+    if kind == "local":
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model folder {str(folder)!r} has no config.json. Point model.path at a Hugging Face "
+                "checkpoint folder, or set model.source to 'pretrain'."
+            )
+        kwargs: dict = {}
+    elif kind == "hub":
+        if hub_offline():
+            raise RuntimeError(
+                f"cannot load hub model {path!r}: the hub is offline (HF_HUB_OFFLINE is set). "
+                "Download it on a connected machine and set model.source to 'local' with model.path "
+                "pointing at the folder."
+            )
+        kwargs = {"revision": source.get("revision") or "main"}
+    else:
+        raise ValueError(f"model source kind {kind!r} is not 'local' or 'hub'.")
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype_name], **kwargs)
+    model.to(device).eval()
+    if tokenizer.pad_token is None:
+        # Hub tokenizers often lack a pad token; batched left-padded generation needs one.
+        tokenizer.pad_token = tokenizer.eos_token
+    log.info("loaded %s model from %s (%s, %.1fM parameters)", model.config.model_type, path, dtype_name,
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    return model, tokenizer
+
+
+def model_revision(source: Mapping) -> str:
+    """A revision string for provenance: the hub revision, or a hash of a local folder's weights and config."""
+    if source["kind"] == "hub":
+        return f"{source['path']}@{source.get('revision') or 'main'}"
+    digest = hashlib.sha256()
+    folder = Path(source["path"])
+    for name in sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors")):
+        digest.update(name.encode())
+        digest.update((folder / name).read_bytes())
+    return f"local:{folder.name}:sha256-{digest.hexdigest()[:16]}"

@@ -1,0 +1,61 @@
+"""Figures, written as PDF and PNG from the result tables."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on clusters and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import polars as pl  # noqa: E402
+
+from ramoe.categories import CATEGORIES  # noqa: E402
+from ramoe.io import atomic_path  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+CATEGORY_COLORS = {"cc": "#4c956c", "ci": "#d1495b", "ic": "#edae49", "ii": "#8d99ae"}
+CATEGORY_LABELS = {
+    "cc": "cc: English and target correct",
+    "ci": "ci: English correct, target incorrect",
+    "ic": "ic: English incorrect, target correct",
+    "ii": "ii: both incorrect",
+}
+
+
+def save_figure(fig: plt.Figure, pdf: str | Path, png: str | Path) -> None:
+    """Write one figure as PDF and PNG (150 dpi), each atomically."""
+    for path, kwargs in ((pdf, {}), (png, {"dpi": 150})):
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip("."), bbox_inches="tight", **kwargs)
+    plt.close(fig)
+    log.info("wrote %s and %s", pdf, png)
+
+
+def plot_categories(table: pl.DataFrame, pdf: str | Path, png: str | Path) -> None:
+    """Stacked bars of the cc/ci/ic/ii shares per target language, one panel per (model, task)."""
+    panels = table.select("model", "task").unique(maintain_order=True).rows()
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 1.1 * table["lang"].n_unique() * len(panels), 3.6),
+                             squeeze=False, sharey=True)
+    for ax, (model, task) in zip(axes[0], panels, strict=True):
+        rows = table.filter((pl.col("model") == model) & (pl.col("task") == task)).sort("lang")
+        langs = rows["lang"].to_list()
+        bottom = [0.0] * len(langs)
+        for category in CATEGORIES:
+            values = rows[category].to_list()
+            ax.bar(langs, values, bottom=bottom, color=CATEGORY_COLORS[category], label=CATEGORY_LABELS[category],
+                   width=0.7)
+            for x, (b, v) in enumerate(zip(bottom, values, strict=True)):
+                if v >= 0.08:
+                    ax.text(x, b + v / 2, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white")
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        ax.set_title(f"{task} ({model})", fontsize=9)
+        ax.set_xlabel("target language")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("share of train items")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, -0.12), frameon=False)
+    fig.suptitle("Parallel train items by correctness in English (1st letter) and the target (2nd)", fontsize=10)
+    save_figure(fig, pdf, png)

@@ -1,0 +1,1 @@
+"""Training loops: pretraining the tiny MoE of the synthetic world."""
