@@ -12,9 +12,9 @@ FAMILIES = ("olmoe", "qwen3_moe")
 def tiny_moe_config(arch: Mapping, *, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> PretrainedConfig:
     """Build the transformers config of a tiny MoE from the ``model.pretrain.architecture`` section.
 
-    ``output_router_logits`` is on because transformers 5 adds the load-balancing loss to the
-    returned ``loss`` only when router logits are requested; with it off, the auxiliary loss
-    would be silently absent from pretraining.
+    ``output_router_logits`` stays off in the saved config: with it on, transformers 5.25 also
+    computes the load-balancing loss inside ``generate``, where it fails on the attention mask of
+    a cached step. Training passes ``output_router_logits=True`` to each forward instead.
     """
     common = dict(
         vocab_size=vocab_size,
@@ -26,7 +26,7 @@ def tiny_moe_config(arch: Mapping, *, vocab_size: int, pad_id: int, bos_id: int,
         num_experts_per_tok=arch["top_k"],
         max_position_embeddings=arch["max_position_embeddings"],
         router_aux_loss_coef=arch["router_aux_loss_coef"],
-        output_router_logits=True,
+        output_router_logits=False,
         tie_word_embeddings=True,
         # OlmoeConfig defaults eos_token_id=50279, outside a small vocabulary.
         pad_token_id=pad_id,

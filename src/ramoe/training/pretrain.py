@@ -109,9 +109,10 @@ def pretrain(
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            # forward and backward: the returned loss already includes aux_coef * load-balancing loss
+            # forward and backward: transformers adds aux_coef * load-balancing loss to the returned
+            # loss only when router logits are requested
             batch = get_batch(stream, batch_size, seq_len, generator)  # (B, T)
-            out = model(input_ids=batch, labels=batch)
+            out = model(input_ids=batch, labels=batch, output_router_logits=True)
             out.loss.backward()
 
             # clip and step

@@ -1,0 +1,1 @@
+"""Evaluation of model outputs: answer extraction and scoring."""
