@@ -2,15 +2,15 @@
 
 import json
 
-from ramoe.config import validate_config
+from ramoe.config import task_languages, validate_config
 
 # Validate before any job is planned: a misspelt key or an out-of-range value stops the run here.
 config = validate_config(config)
 
 MODEL = config["model"]["name"]
 TASKS = config["tasks"]
-TARGET_LANGS = config["target_languages"]
-LANGS = ["en", *TARGET_LANGS]
+LANGS_BY_TASK = {task: task_languages(config, task) for task in TASKS}
+LANGS = sorted({lang for langs in LANGS_BY_TASK.values() for lang in langs})
 
 
 wildcard_constraints:
@@ -25,6 +25,14 @@ def section(*keys):
     for key in keys:
         node = node[key]
     return json.dumps(node, sort_keys=True)
+
+
+def get_real_loader(wildcards):
+    return config["data"]["real"]["tasks"][wildcards.task]
+
+
+def get_task_langs(wildcards):
+    return LANGS_BY_TASK[wildcards.task]
 
 
 def get_model_input(wildcards):
@@ -44,11 +52,18 @@ def get_model_source(wildcards):
 
 
 def get_base_evaluations(wildcards):
-    return expand("results/eval/{model}/base/{task}/{lang}.parquet", model=MODEL, task=TASKS, lang=LANGS)
+    return [
+        f"results/eval/{MODEL}/base/{task}/{lang}.parquet" for task in TASKS for lang in LANGS_BY_TASK[task]
+    ]
 
 
 def get_task_evaluations(wildcards):
-    return expand("results/eval/{model}/base/{task}/{lang}.parquet", model=wildcards.model, task=wildcards.task, lang=LANGS)
+    return expand(
+        "results/eval/{model}/base/{task}/{lang}.parquet",
+        model=wildcards.model,
+        task=wildcards.task,
+        lang=LANGS_BY_TASK[wildcards.task],
+    )
 
 
 def get_final_outputs():

@@ -10,7 +10,7 @@ if config["data"]["source"] == "synthetic":
         params:
             synthetic=section("data", "synthetic"),
             tasks=TASKS,
-            langs=TARGET_LANGS,
+            langs=[lang for lang in LANGS if lang != "en"],
         log:
             "results/logs/data/synthetic_world.log",
         script:
@@ -22,10 +22,10 @@ else:
         output:
             "results/data/{task}.parquet",
         params:
-            loader=lambda wildcards: config["data"]["real"]["tasks"][wildcards.task],
+            loader=get_real_loader,
             test_fraction=config["data"]["real"]["test_fraction"],
             split_seed=config["data"]["real"]["split_seed"],
-            langs=LANGS,
+            langs=get_task_langs,
         log:
             "results/logs/data/real_task/{task}.log",
         script:

@@ -57,7 +57,7 @@ def test_out_of_range_value(tiny_config, keys, value, expected):
 
 def test_undefined_language_rejected(tiny_config):
     tiny_config["target_languages"] = ["xa", "zz"]
-    with pytest.raises(ConfigError, match=r"target_languages \['zz'\] have no definition"):
+    with pytest.raises(ConfigError, match=r"target languages \['zz'\] have no definition"):
         validate_config(tiny_config)
 
 
@@ -88,3 +88,18 @@ def test_input_not_mutated(tiny_config):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_task_languages_override(tiny_config):
+    from ramoe.config import task_languages
+
+    tiny_config["task_languages"] = {"cause": ["xb"]}
+    config = validate_config(tiny_config)
+    assert task_languages(config, "cause") == ["en", "xb"]
+    assert task_languages(config, "arith") == ["en", "xa", "xd"]
+
+
+def test_task_languages_unknown_task(tiny_config):
+    tiny_config["task_languages"] = {"mgsm": ["de"]}
+    with pytest.raises(ConfigError, match=r"task_languages names tasks \['mgsm'\]"):
+        validate_config(tiny_config)

@@ -80,6 +80,11 @@ def _fill_defaults(node: Any, schema: dict, root: dict) -> None:
             _fill_defaults(item, schema["items"], root)
 
 
+def task_languages(config: Mapping, task: str) -> list[str]:
+    """English followed by the target languages of ``task``."""
+    return ["en", *config.get("task_languages", {}).get(task, config["target_languages"])]
+
+
 def check_consistency(config: Mapping) -> None:
     """Cross-key checks that the schema cannot express."""
     data = config["data"]
@@ -89,16 +94,20 @@ def check_consistency(config: Mapping) -> None:
     wrong = [t for t in tasks if t not in known]
     if wrong:
         raise ConfigError(f"tasks {wrong} are not available with data.source = {source!r}; choose from {list(known)}.")
+    unused = sorted(set(config.get("task_languages", {})) - set(tasks))
+    if unused:
+        raise ConfigError(f"task_languages names tasks {unused} that are not in tasks {tasks}.")
     if source not in data:
         raise ConfigError(f"data.source is {source!r} but the section data.{source} is missing.")
     if source == "synthetic":
         defined = [spec["code"] for spec in data["synthetic"]["languages"]]
         if len(defined) != len(set(defined)):
             raise ConfigError(f"data.synthetic.languages defines a code twice: {defined}.")
-        missing = [lang for lang in config["target_languages"] if lang not in defined]
+        used = {lang for task in tasks for lang in task_languages(config, task)[1:]}
+        missing = sorted(used - set(defined))
         if missing:
             raise ConfigError(
-                f"target_languages {missing} have no definition in data.synthetic.languages (defined: {defined}). "
+                f"target languages {missing} have no definition in data.synthetic.languages (defined: {defined}). "
                 "Add a language entry or remove the code."
             )
     else:

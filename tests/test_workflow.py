@@ -1,0 +1,103 @@
+"""The Snakemake workflow end to end on the tiny config: outputs, no-op rerun, selective rerun."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from conftest import REPO, TINY_CONFIG
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def planned_jobs(dry_run_output: str) -> dict[str, int]:
+    """Job counts from the 'Job stats' table that ``snakemake -n`` prints."""
+    stats = dry_run_output.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, flags=re.M)}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workflow")
+    shutil.copy(TINY_CONFIG, workdir / "config.yaml")
+    result = snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_tables_filled(finished_run):
+    accuracy = pl.read_csv(finished_run / "results/tables/accuracy_base.csv")
+    assert accuracy.columns == ["model", "task", "lang", "split", "n", "accuracy", "parse_failure_rate"]
+    assert set(accuracy["lang"]) == {"en", "xa", "xd"}
+    assert set(accuracy["task"]) == {"arith", "cause"}
+    assert accuracy.height == 2 * 3 * 2
+    assert accuracy.filter(pl.col("split") == "train")["n"].unique().to_list() == [16]
+    categories = pl.read_csv(finished_run / "results/tables/categories.csv")
+    assert categories.columns == ["model", "task", "lang", "n", "cc", "ci", "ic", "ii"]
+    assert set(categories["lang"]) == {"xa", "xd"}
+    sums = categories.select(pl.sum_horizontal("cc", "ci", "ic", "ii")).to_series()
+    assert all(abs(s - 1.0) < 1e-9 for s in sums)
+
+
+def test_per_example_tables(finished_run):
+    examples = pl.read_parquet(finished_run / "results/eval/test-olmoe/base/arith/xd.parquet")
+    assert examples.height == 24
+    assert {"item_id", "lang", "prompt", "raw_output", "parsed_answer", "gold", "parse_failure", "correct"} <= set(
+        examples.columns
+    )
+    assert set(examples["lang"]) == {"xd"}
+
+
+def test_figures_and_logs(finished_run):
+    for suffix in ("pdf", "png"):
+        assert (finished_run / f"results/figures/categories.{suffix}").stat().st_size > 1000
+    assert "step 6/6" in (finished_run / "results/logs/pretrain/test-olmoe.log").read_text()
+    assert (finished_run / "results/benchmarks/pretrain/test-olmoe.tsv").is_file()
+    assert (finished_run / "results/models/test-olmoe/metrics.jsonl").is_file()
+
+
+def test_finished_tree_is_noop(finished_run):
+    result = snakemake(finished_run, "-n", "--cores", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_evaluation_change_reruns_evaluation_only(finished_run):
+    config = yaml.safe_load((finished_run / "config.yaml").read_text())
+    config["evaluation"]["max_new_tokens"] = 4
+    changed = finished_run / "changed"
+    changed.mkdir()
+    (changed / "config.yaml").write_text(yaml.safe_dump(config))
+    shutil.copytree(finished_run / "results", changed / "results")
+    shutil.copytree(finished_run / ".snakemake", changed / ".snakemake", ignore=shutil.ignore_patterns("locks"))
+    result = snakemake(changed, "-n", "--cores", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = planned_jobs(result.stdout)
+    assert "pretrain" not in jobs
+    assert "synthetic_world" not in jobs
+    assert jobs["evaluate_base"] == 6
+    assert {"accuracy_base", "categories", "categories_table", "plot_categories"} <= set(jobs)
+
+
+def test_misspelt_key_stops_run(tmp_path):
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config["evaluation"]["batch_sise"] = config["evaluation"].pop("batch_size")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "--cores", "1")
+    assert result.returncode != 0
+    assert "unknown key 'evaluation.batch_sise'" in result.stderr + result.stdout
+    assert not (tmp_path / "results").exists()
