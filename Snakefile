@@ -5,6 +5,8 @@
 #   models/{model}/                             pretrained tiny MoE (model.source: pretrain)
 #   eval/{model}/base/{task}/{lang}.parquet     per-example base-model correctness
 #   categories/{model}/{task}.parquet           cc/ci/ic/ii per train item and target language
+#   traces/{model}/{task}/{lang}.*.parquet      routing traces (token top-k, per-sequence distributions)
+#   experts/{model}/{task}.json                 task-expert mask and alignment zone, read by fine-tuning
 #   tables/*.csv, figures/*.{pdf,png}           the paper's tables and figures
 # Logs mirror output paths under results/logs/, timings under results/benchmarks/.
 
@@ -21,6 +23,7 @@ include: "rules/data.smk"
 include: "rules/pretrain.smk"
 include: "rules/evaluate.smk"
 include: "rules/categories.smk"
+include: "rules/routing.smk"
 
 
 rule all:

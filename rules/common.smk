@@ -66,10 +66,30 @@ def get_task_evaluations(wildcards):
     )
 
 
+def get_general_text(wildcards):
+    general = config["routing"]["general_text"]
+    if general["source"] == "synthetic":
+        return "results/data/general_text.txt"
+    return general["path"]
+
+
+def get_sequence_traces(wildcards):
+    return [
+        f"results/traces/{MODEL}/{task}/{lang}.sequences.parquet" for task in TASKS for lang in LANGS_BY_TASK[task]
+    ]
+
+
+def get_first_sequence_trace(wildcards):
+    return get_sequence_traces(wildcards)[0]
+
+
 def get_final_outputs():
+    figures = ["categories", "divergence_by_layer", "task_experts"]
     return [
         "results/tables/accuracy_base.csv",
         "results/tables/categories.csv",
-        "results/figures/categories.pdf",
-        "results/figures/categories.png",
+        "results/tables/divergence.csv",
+        "results/tables/alignment_zone.csv",
+        "results/tables/task_experts.csv",
+        *expand("results/figures/{name}.{ext}", name=figures, ext=["pdf", "png"]),
     ]

@@ -103,3 +103,24 @@ def test_task_languages_unknown_task(tiny_config):
     tiny_config["task_languages"] = {"mgsm": ["de"]}
     with pytest.raises(ConfigError, match=r"task_languages names tasks \['mgsm'\]"):
         validate_config(tiny_config)
+
+
+def test_zone_override_outside_layers(tiny_config):
+    tiny_config["routing"]["zone"]["override"] = [1, 5]
+    with pytest.raises(ConfigError, match=r"routing.zone.override = \[1, 5\] lies outside the model's layers 0..1"):
+        validate_config(tiny_config)
+
+
+def test_expert_cap_above_top_k(tiny_config):
+    tiny_config["routing"]["experts"]["max_per_layer"] = 3
+    with pytest.raises(ConfigError, match="max_per_layer = 3 exceeds the model's top_k = 2"):
+        validate_config(tiny_config)
+
+
+def test_synthetic_general_text_needs_world(tiny_config):
+    tiny_config["data"] = {"source": "real", "real": {"test_fraction": 0.4, "split_seed": 0, "tasks": {"mgsm": {"source": "local", "data_dir": "x"}}}}
+    tiny_config["tasks"] = ["mgsm"]
+    tiny_config["target_languages"] = ["de"]
+    tiny_config["model"]["pretrain"]["tokenizer"]["kind"] = "byte"
+    with pytest.raises(ConfigError, match="routing.general_text.source is 'synthetic' but data.source is 'real'"):
+        validate_config(tiny_config)

@@ -1,5 +1,6 @@
 """The Snakemake workflow end to end on the tiny config: outputs, no-op rerun, selective rerun."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -53,6 +54,26 @@ def test_tables_filled(finished_run):
     assert all(abs(s - 1.0) < 1e-9 for s in sums)
 
 
+def test_routing_tables_filled(finished_run):
+    divergence = pl.read_csv(finished_run / "results/tables/divergence.csv")
+    assert {"model", "task", "lang", "layer", "hjsd", "jsd", "entropy", "comparison"} <= set(divergence.columns)
+    assert set(divergence["comparison"]) == {"parallel", "control_nonparallel", "control_english"}
+    assert set(divergence["layer"]) == {0, 1}
+    zone = pl.read_csv(finished_run / "results/tables/alignment_zone.csv")
+    assert set(zone["task"]) == {"arith", "cause"}
+    assert set(zone["method"]) <= {"data", "fallback", "override"}
+    experts = pl.read_csv(finished_run / "results/tables/task_experts.csv")
+    assert experts.height == 2 * 2 * 4  # tasks x layers x experts
+    mask = json.loads((finished_run / "results/experts/test-olmoe/arith.json").read_text())
+    assert mask["num_experts"] == 4
+    assert set(mask["layers"]) == {"0", "1"}
+    assert all(len(experts) <= 2 for experts in mask["layers"].values())
+    tokens = pl.read_parquet(finished_run / "results/traces/test-olmoe/arith/en.tokens.parquet")
+    assert set(tokens["rank"]) == {0, 1}
+    for name in ("divergence_by_layer", "task_experts"):
+        assert (finished_run / f"results/figures/{name}.png").stat().st_size > 1000
+
+
 def test_per_example_tables(finished_run):
     examples = pl.read_parquet(finished_run / "results/eval/test-olmoe/base/arith/xd.parquet")
     assert examples.height == 24
@@ -89,6 +110,7 @@ def test_evaluation_change_reruns_evaluation_only(finished_run):
     jobs = planned_jobs(result.stdout)
     assert "pretrain" not in jobs
     assert "synthetic_world" not in jobs
+    assert "trace" not in jobs
     assert jobs["evaluate_base"] == 6
     assert {"accuracy_base", "categories", "categories_table", "plot_categories"} <= set(jobs)
 

@@ -121,6 +121,8 @@ def check_consistency(config: Mapping) -> None:
             if settings["source"] == "hub" and not settings.get("hub_id"):
                 raise ConfigError(f"data.real.tasks.{task}.hub_id is required when its source is 'hub'.")
 
+    check_routing(config)
+
     model = config["model"]
     if model["source"] == "pretrain":
         if "pretrain" not in model:
@@ -151,6 +153,40 @@ def check_consistency(config: Mapping) -> None:
         raise ConfigError("model.path is required when model.source is 'local'.")
     elif model["source"] == "hub" and not model.get("hub_id"):
         raise ConfigError("model.hub_id is required when model.source is 'hub'.")
+
+
+def check_routing(config: Mapping) -> None:
+    routing = config["routing"]
+    general = routing["general_text"]
+    if general["source"] == "synthetic" and config["data"]["source"] != "synthetic":
+        raise ConfigError(
+            "routing.general_text.source is 'synthetic' but data.source is 'real'; set "
+            "routing.general_text to {source: file, path: <English text>}."
+        )
+    if general["source"] == "file" and not general.get("path"):
+        raise ConfigError("routing.general_text.path is required when routing.general_text.source is 'file'.")
+    start, end = routing["zone"]["fallback"]
+    if start >= end:
+        raise ConfigError(f"routing.zone.fallback = {[start, end]} is invalid: the start must be below the end.")
+    override = routing["zone"].get("override")
+    if override is not None:
+        first, last = override
+        if first > last:
+            raise ConfigError(f"routing.zone.override = {override} is invalid: first_layer must not exceed last_layer.")
+        if config["model"]["source"] == "pretrain":
+            num_layers = config["model"]["pretrain"]["architecture"]["num_layers"]
+            if last >= num_layers:
+                raise ConfigError(
+                    f"routing.zone.override = {override} lies outside the model's layers 0..{num_layers - 1}."
+                )
+    cap = routing["experts"].get("max_per_layer")
+    if cap is not None and config["model"]["source"] == "pretrain":
+        top_k = config["model"]["pretrain"]["architecture"]["top_k"]
+        if cap > top_k:
+            raise ConfigError(
+                f"routing.experts.max_per_layer = {cap} exceeds the model's top_k = {top_k}; "
+                "more task experts than top_k could never all be routed to at once."
+            )
 
 
 def validate_config(config: Mapping) -> dict:
