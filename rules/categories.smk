@@ -8,6 +8,8 @@ rule categories:
         "results/categories/{model}/{task}.parquet",
     log:
         "results/logs/categories/{model}/{task}.log",
+    conda:
+        "../envs/ramoe.yaml"
     script:
         "../workflow/scripts/categories.py"
 
@@ -19,6 +21,8 @@ rule categories_table:
         "results/tables/categories.csv",
     log:
         "results/logs/tables/categories.log",
+    conda:
+        "../envs/ramoe.yaml"
     script:
         "../workflow/scripts/categories_table.py"
 
@@ -31,5 +35,7 @@ rule plot_categories:
         png="results/figures/categories.png",
     log:
         "results/logs/figures/categories.log",
+    conda:
+        "../envs/ramoe.yaml"
     script:
         "../workflow/scripts/plot_categories.py"

@@ -13,6 +13,8 @@ if config["data"]["source"] == "synthetic":
             langs=[lang for lang in LANGS if lang != "en"],
         log:
             "results/logs/data/synthetic_world.log",
+        conda:
+            "../envs/ramoe.yaml"
         script:
             "../workflow/scripts/synthetic_world.py"
 
@@ -28,6 +30,8 @@ else:
             langs=get_task_langs,
         log:
             "results/logs/data/real_task/{task}.log",
+        conda:
+            "../envs/ramoe.yaml"
         script:
             "../workflow/scripts/real_task.py"
 
@@ -38,5 +42,7 @@ else:
             "results/data/pretrain_corpus.txt",
         log:
             "results/logs/data/pretrain_corpus.log",
+        conda:
+            "../envs/ramoe.yaml"
         script:
             "../workflow/scripts/pretrain_corpus.py"

@@ -19,6 +19,8 @@ rule evaluate_base:
         "results/logs/eval/{model}/base/{task}/{lang}.log",
     benchmark:
         "results/benchmarks/eval/{model}/base/{task}/{lang}.tsv"
+    conda:
+        "../envs/ramoe.yaml"
     script:
         "../workflow/scripts/evaluate_base.py"
 
@@ -30,5 +32,7 @@ rule accuracy_base:
         table="results/tables/accuracy_base.csv",
     log:
         "results/logs/tables/accuracy_base.log",
+    conda:
+        "../envs/ramoe.yaml"
     script:
         "../workflow/scripts/accuracy_base.py"

@@ -18,5 +18,7 @@ rule pretrain:
         "results/logs/pretrain/{model}.log",
     benchmark:
         "results/benchmarks/pretrain/{model}.tsv"
+    conda:
+        "../envs/ramoe.yaml"
     script:
         "../workflow/scripts/pretrain.py"

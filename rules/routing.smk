@@ -20,6 +20,8 @@ rule trace:
         "results/logs/traces/{model}/{task}/{lang}.log",
     benchmark:
         "results/benchmarks/traces/{model}/{task}/{lang}.tsv"
+    conda:
+        "../envs/ramoe.yaml"
     script:
         "../workflow/scripts/trace.py"
 
@@ -42,6 +44,8 @@ rule trace_general_text:
         "results/logs/traces/{model}/general_text.log",
     benchmark:
         "results/benchmarks/traces/{model}/general_text.tsv"
+    conda:
+        "../envs/ramoe.yaml"
     script:
         "../workflow/scripts/trace_general_text.py"
 
@@ -56,6 +60,8 @@ rule divergence:
         seed=config["routing"]["seed"],
     log:
         "results/logs/tables/divergence.log",
+    conda:
+        "../envs/ramoe.yaml"
     script:
         "../workflow/scripts/divergence.py"
 
@@ -71,6 +77,8 @@ rule alignment_zone:
         routing=section("routing"),
     log:
         "results/logs/tables/alignment_zone.log",
+    conda:
+        "../envs/ramoe.yaml"
     script:
         "../workflow/scripts/alignment_zone.py"
 
@@ -90,6 +98,8 @@ rule task_experts:
         tasks=TASKS,
     log:
         "results/logs/tables/task_experts.log",
+    conda:
+        "../envs/ramoe.yaml"
     script:
         "../workflow/scripts/task_experts.py"
 
@@ -109,5 +119,7 @@ rule plot_routing:
         split=config["routing"]["split"],
     log:
         "results/logs/figures/routing.log",
+    conda:
+        "../envs/ramoe.yaml"
     script:
         "../workflow/scripts/plot_routing.py"

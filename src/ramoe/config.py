@@ -44,7 +44,7 @@ def _subschema(schema: dict, error: jsonschema.ValidationError) -> dict:
 
 
 def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
-    """One sentence for one schema violation: the dotted key, its value and what is allowed."""
+    """Describe one schema violation in a sentence: the dotted key, its value and what is allowed."""
     key = _key_path(error.absolute_path)
     if error.validator == "additionalProperties":
         allowed = sorted(_subschema(schema, error).get("properties", {}))

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def solved_text(row: dict) -> str:
-    """The prompt followed by its gold answer: the number, or the text of the correct choice."""
+    """Return the prompt followed by its gold answer: the number, or the text of the correct choice."""
     if row["task_type"] == "multiple_choice":
         return row["prompt"] + row["choices"][int(row["answer"])]
     return f"{row['prompt']} {row['answer']}"

@@ -61,7 +61,7 @@ def load_model(source: Mapping, *, device: str = "cpu") -> tuple[PreTrainedModel
 
 
 def model_revision(source: Mapping) -> str:
-    """A revision string for provenance: the hub revision, or a hash of a local folder's weights and config."""
+    """Describe the model revision for provenance: the hub revision, or a hash of a local folder's weights and config."""
     if source["kind"] == "hub":
         return f"{source['path']}@{source.get('revision') or 'main'}"
     digest = hashlib.sha256()

@@ -36,7 +36,7 @@ def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
 
 
 def build_word_tokenizer(vocabulary: Iterable[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over a closed vocabulary; special tokens take ids 0-3."""
+    """Build a word-level tokenizer over a closed vocabulary. Special tokens take ids 0-3."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for word in vocabulary:
         vocab.setdefault(word, len(vocab))
@@ -47,7 +47,7 @@ def build_word_tokenizer(vocabulary: Iterable[str]) -> PreTrainedTokenizerFast:
 
 
 def build_byte_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``texts``; ``vocab_size`` includes the 256 bytes."""
+    """Train a byte-level BPE tokenizer on ``texts``. ``vocab_size`` includes the 256 bytes."""
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

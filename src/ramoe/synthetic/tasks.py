@@ -144,7 +144,7 @@ TASK_TYPES = {"arith": "generative", "cause": "multiple_choice"}
 
 
 def english_vocabulary() -> list[str]:
-    """Every English word the templates can produce, numbers excluded."""
+    """List every English word the templates can produce, numbers excluded."""
     words = set(NAMES + OBJECTS + PLACES + ADJECTIVES)
     words |= {ANSWER_CUE, *CONNECTIVES.values()}
     for template, _ in ARITH_OPERATIONS.values():

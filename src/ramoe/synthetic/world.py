@@ -1,7 +1,7 @@
 """Build the synthetic parallel world: evaluation items, the pretraining mixture, general text.
 
 Everything is a pure function of the config and its seed. Evaluation items are drawn without
-repetition and split into train and test by item id; pretraining task lines are drawn from the
+repetition and split into train and test by item id. Pretraining task lines are drawn from the
 remaining problems, so no evaluation item, train or test, appears verbatim in pretraining.
 """
 
@@ -115,7 +115,7 @@ class World:
         return f"{problem.prompt()} {problem.choices()[problem.answer]}"
 
     def pretraining_lines(self) -> list[str]:
-        """The pretraining mixture, shuffled: task lines, generic text and bitext per language.
+        """Draw the pretraining mixture, shuffled: task lines, generic text and bitext per language.
 
         English gets ``english_task_lines`` solved problems per task and ``english_generic_lines``
         generic sentences; a target language gets those counts times its ``task_share``,
@@ -154,7 +154,7 @@ class World:
         return [tasks.sample_generic(rng) for _ in range(self.config.general_corpus_lines)]
 
     def vocabulary(self) -> list[str]:
-        """Every word and numeral token of every language, for the word-level tokenizer."""
+        """List every word and numeral token of every language, for the word-level tokenizer."""
         words = set(tasks.english_vocabulary()) | {".", "?", ":", BITEXT_SEPARATOR}
         for lang in self.languages:
             words |= set(lang.word_map.values())
