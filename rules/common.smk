@@ -19,12 +19,16 @@ wildcard_constraints:
     lang="|".join(LANGS),
 
 
+# Keys that set how a job runs, not what it computes; changing them reruns nothing.
+EXECUTION_KEYS = ("threads",)
+
+
 def section(*keys):
     """A config section as canonical JSON, so that a rule reruns exactly when that section changes."""
     node = config
     for key in keys:
         node = node[key]
-    return json.dumps(node, sort_keys=True)
+    return json.dumps({k: v for k, v in node.items() if k not in EXECUTION_KEYS}, sort_keys=True)
 
 
 def get_real_loader(wildcards):

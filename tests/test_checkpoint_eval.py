@@ -134,3 +134,22 @@ def test_lr_schedule():
     assert get_lr(9, **kwargs) == pytest.approx(1.0)
     assert get_lr(60, **kwargs) == pytest.approx(0.55)
     assert get_lr(110, **kwargs) == pytest.approx(0.1)
+
+
+def test_router_parameter_group():
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    from ramoe.training.pretrain import parameter_groups
+
+    torch.manual_seed(0)
+    config = OlmoeConfig(vocab_size=32, hidden_size=16, intermediate_size=8, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = OlmoeForCausalLM(config)
+    others, routers = parameter_groups(model, 10.0)
+    router_ids = {id(p) for p in routers["params"]}
+    expected = {id(model.model.layers[i].mlp.gate.weight) for i in range(2)}
+    assert router_ids == expected
+    assert routers["lr_scale"] == 10.0
+    assert others["lr_scale"] == 1.0
+    assert len(others["params"]) + len(routers["params"]) == len(list(model.parameters()))

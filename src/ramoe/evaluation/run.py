@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,8 +23,6 @@ log = logging.getLogger(__name__)
 
 def write_examples(frame: pl.DataFrame, path: str | Path, provenance: Mapping) -> None:
     """Write a per-example table as Parquet (zstd) with the provenance in its schema metadata."""
-    import json
-
     table = frame.to_arrow()
     table = table.replace_schema_metadata({b"ramoe": json.dumps(dict(provenance), default=str).encode()})
     with atomic_path(path) as tmp:
@@ -31,8 +30,6 @@ def write_examples(frame: pl.DataFrame, path: str | Path, provenance: Mapping) -
 
 
 def read_provenance(path: str | Path) -> dict:
-    import json
-
     metadata = pq.read_schema(path).metadata or {}
     return json.loads(metadata.get(b"ramoe", b"{}"))
 
@@ -76,14 +73,13 @@ def write_accuracy_table(example_paths: Sequence[str | Path], output_path: str |
 
 def write_categories(example_paths: Sequence[str | Path], output_path: str | Path) -> pl.DataFrame:
     categorized = categorize(_read_examples(example_paths))
-    with atomic_path(output_path) as tmp:
-        categorized.write_parquet(tmp, compression="zstd")
+    write_examples(categorized, output_path, read_provenance(example_paths[0]))
     return categorized
 
 
 def write_categories_table(category_paths: Sequence[str | Path], output_path: str | Path) -> pl.DataFrame:
     categorized = pl.concat([pl.read_parquet(p) for p in category_paths], how="vertical")
     table = category_shares(categorized)
-    write_table(table, output_path, run_metadata())
+    write_table(table, output_path, read_provenance(category_paths[0]))
     log.info("categories:\n%s", table)
     return table

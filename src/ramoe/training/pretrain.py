@@ -45,6 +45,24 @@ def get_lr(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_
     return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
 
 
+def parameter_groups(model: torch.nn.Module, router_lr_multiplier: float) -> list[dict]:
+    """Split parameters into router weights and the rest, so routers can get a larger learning rate.
+
+    Each group's ``lr_scale`` multiplies the scheduled learning rate. Small routers stay close to
+    uniform for thousands of steps at the base rate; a larger rate lets them specialise.
+    """
+    from ramoe.routing.adapters import describe_moe
+
+    router_names = set(describe_moe(model).router_modules.values())
+    routers, others = [], []
+    for name, parameter in model.named_parameters():
+        (routers if name.rsplit(".", 1)[0] in router_names else others).append(parameter)
+    return [
+        {"params": others, "lr_scale": 1.0},
+        {"params": routers, "lr_scale": router_lr_multiplier},
+    ]
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -89,7 +107,10 @@ def pretrain(
     log.info("pretraining stream: %d tokens; %d steps of %d x %d tokens", len(stream), steps, batch_size, seq_len)
 
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings["lr"], betas=(0.9, 0.95), weight_decay=settings["weight_decay"]
+        parameter_groups(model, settings.get("router_lr_multiplier", 1.0)),
+        lr=settings["lr"],
+        betas=(0.9, 0.95),
+        weight_decay=settings["weight_decay"],
     )
     generator = torch.Generator().manual_seed(settings["seed"])
     aux_coef = config.router_aux_loss_coef
@@ -107,7 +128,7 @@ def pretrain(
             lr = get_lr(step, lr=settings["lr"], warmup_steps=settings["warmup_steps"], total_steps=steps,
                         min_lr_ratio=settings["min_lr_ratio"])
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
 
             # forward and backward: transformers adds aux_coef * load-balancing loss to the returned
             # loss only when router logits are requested
