@@ -19,7 +19,8 @@ wildcard_constraints:
     lang="|".join(LANGS),
 
 
-# Keys that set how a job runs, not what it computes; changing them reruns nothing.
+# Keys that set how a job runs; changing them reruns nothing, although another thread count can
+# change floating-point sums and so the last digits of a result.
 EXECUTION_KEYS = ("threads",)
 
 
