@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: install run test test-all lint clean
+.PHONY: install run test lint clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,10 @@ $(INSTALLED): pyproject.toml
 install: $(INSTALLED)
 
 run: $(INSTALLED)
-	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
+	$(BIN)/snakemake --cores $(CORES)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -m "not slow"
-
-test-all: $(INSTALLED)
-	$(BIN)/python -m pytest
 
 lint: $(INSTALLED)
 	$(BIN)/snakemake --lint --cores 1

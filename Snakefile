@@ -15,7 +15,12 @@ from snakemake.utils import min_version
 min_version("9.27")
 
 
-configfile: "config.yaml"
+# config.yaml is the default; a --configfile on the command line replaces it instead of being
+# merged over it, so a preset never inherits keys it does not set.
+if not config:
+
+    configfile: "config.yaml"
+
 
 
 include: "rules/common.smk"

@@ -2,10 +2,12 @@
 
 import json
 
-from ramoe.config import task_languages, validate_config
+from ramoe.config import check_input_paths, task_languages, validate_config
 
-# Validate before any job is planned: a misspelt key or an out-of-range value stops the run here.
+# Validate before any job is planned: a misspelt key, an out-of-range value or a missing input
+# path stops the run here.
 config = validate_config(config)
+check_input_paths(config)
 
 MODEL = config["model"]["name"]
 TASKS = config["tasks"]

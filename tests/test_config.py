@@ -124,3 +124,23 @@ def test_synthetic_general_text_needs_world(tiny_config):
     tiny_config["model"]["pretrain"]["tokenizer"]["kind"] = "byte"
     with pytest.raises(ConfigError, match="routing.general_text.source is 'synthetic' but data.source is 'real'"):
         validate_config(tiny_config)
+
+
+def test_missing_input_path(tiny_config, tmp_path):
+    from ramoe.config import check_input_paths
+
+    tiny_config["routing"]["general_text"] = {"source": "file", "path": "absent/general.txt"}
+    config = validate_config(tiny_config)
+    with pytest.raises(ConfigError, match=r"routing.general_text.path = 'absent/general.txt' does not exist"):
+        check_input_paths(config, base=tmp_path)
+    (tmp_path / "absent").mkdir()
+    (tmp_path / "absent" / "general.txt").write_text("text\n")
+    check_input_paths(config, base=tmp_path)
+
+
+def test_real_preset_valid(shared_data):
+    from ramoe.config import check_input_paths
+
+    config = load_config(REPO / "config_real.yaml")
+    assert config["task_languages"]["mgsm"][0] == "bn"
+    check_input_paths(config, base=REPO)

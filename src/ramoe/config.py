@@ -189,6 +189,28 @@ def check_routing(config: Mapping) -> None:
             )
 
 
+def check_input_paths(config: Mapping, base: str | Path = ".") -> None:
+    """Raise unless every local input that the config names exists (relative to ``base``)."""
+    paths = []
+    if config["data"]["source"] == "real":
+        for task in config["tasks"]:
+            settings = config["data"]["real"]["tasks"][task]
+            if settings["source"] == "local":
+                paths.append((f"data.real.tasks.{task}.data_dir", settings["data_dir"]))
+    general = config["routing"]["general_text"]
+    if general["source"] == "file":
+        paths.append(("routing.general_text.path", general["path"]))
+    if config["model"]["source"] == "local":
+        paths.append(("model.path", config["model"]["path"]))
+    for key, value in paths:
+        resolved = (Path(base) / value).resolve()
+        if not resolved.exists():
+            raise ConfigError(
+                f"{key} = {value!r} does not exist (resolved to {resolved}; relative paths are relative "
+                "to the working directory). Point it at the local copy, or pass a config with the right path."
+            )
+
+
 def validate_config(config: Mapping) -> dict:
     """Validate a config mapping, fill schema defaults, and return the completed copy.
 

@@ -79,3 +79,10 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
         handlers=handlers,
         force=True,
     )
+
+    # An uncaught exception reaches only stderr, which Snakemake does not copy into the job's
+    # log; log it too, so the log file that Snakemake points to says why the job failed.
+    def log_uncaught(exc_type, exc, traceback) -> None:
+        logging.getLogger("ramoe").critical("job failed: %s", exc, exc_info=(exc_type, exc, traceback))
+
+    sys.excepthook = log_uncaught

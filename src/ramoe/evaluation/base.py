@@ -120,6 +120,11 @@ def evaluate_examples(
         for row, result in zip(rows, results, strict=True)
     ]
     frame = pl.DataFrame(records, schema=EXAMPLE_COLUMNS)
+    if frame["parse_failure"].all():
+        log.warning(
+            "%s %s: no output could be parsed (every example is a parse failure); check the raw_output "
+            "column and evaluation.max_new_tokens.", rows[0]["task"], rows[0]["lang"],
+        )
     log.info(
         "%s %s: accuracy %.3f on %d examples, %d parse failures",
         rows[0]["task"], rows[0]["lang"], frame["correct"].mean(), frame.height, frame["parse_failure"].sum(),

@@ -36,6 +36,10 @@ def _zone_bounds(zones: pl.DataFrame | None, model: str, task: str) -> tuple[int
     return first, last, method
 
 
+LANGUAGE_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+LANGUAGE_STYLES = ("-", "-.")
+
+
 def _target_accuracy(accuracy: pl.DataFrame, split: str) -> dict[tuple[str, str, str], float]:
     rows = accuracy.filter(pl.col("split") == split)
     return {(m, t, lang): acc for m, t, lang, acc in rows.select("model", "task", "lang", "accuracy").iter_rows()}
@@ -84,7 +88,10 @@ def plot_divergence_by_layer(
                            label=f"alignment zone ({method})")
 
             parallel = rows.filter(pl.col("comparison") == PARALLEL)
-            for lang in sorted(parallel["lang"].unique().to_list()):
+            for index, lang in enumerate(sorted(parallel["lang"].unique().to_list())):
+                # Colour shows accuracy; marker and line style tell apart languages of equal accuracy.
+                marker = LANGUAGE_MARKERS[index % len(LANGUAGE_MARKERS)]
+                style = LANGUAGE_STYLES[(index // len(LANGUAGE_MARKERS)) % len(LANGUAGE_STYLES)]
                 curve = parallel.filter(pl.col("lang") == lang).sort("layer")
                 target_accuracy = accuracy_by_lang.get((model, task, lang))
                 if target_accuracy is None:
@@ -92,8 +99,9 @@ def plot_divergence_by_layer(
                                 accuracy_split)
                     color, label = "black", f"{lang} (no accuracy)"
                 else:
-                    color, label = cmap(norm(target_accuracy)), f"{lang} (acc {target_accuracy:.2f})"
-                ax.plot(curve["layer"], curve[metric], color=color, marker="o", ms=3, lw=1.5, label=label)
+                    color, label = cmap(norm(target_accuracy)), f"{lang} ({accuracy_split} acc {target_accuracy:.2f})"
+                ax.plot(curve["layer"], curve[metric], color=color, marker=marker, ms=4, ls=style, lw=1.5,
+                        label=label)
 
             english = rows.filter(pl.col("comparison") == CONTROL_ENGLISH).sort("layer")
             if not english.is_empty():
@@ -116,7 +124,7 @@ def plot_divergence_by_layer(
 
     mappable = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
     colorbar = fig.colorbar(mappable, ax=axes.ravel().tolist(), location="left", shrink=0.8)
-    colorbar.set_label("target accuracy")
+    colorbar.set_label(f"target accuracy ({accuracy_split} items)")
     fig.suptitle("Routing divergence from English by layer", fontsize=10)
     save_figure(fig, pdf, png)
 

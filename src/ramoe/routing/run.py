@@ -198,6 +198,11 @@ def write_task_experts(
         selected = table.filter(pl.col("selected"))
         log.info("task %s: %d task experts over %d layers (tau %.2f)", task, selected.height,
                  selected["layer"].n_unique(), tau)
+        if selected.is_empty():
+            log.warning(
+                "task %s: no expert has delta > tau = %.2f (largest delta %.3f), so the task-expert mask is "
+                "empty. Lower routing.experts.tau for this model.", task, tau, table["delta"].max(),
+            )
     experts = pl.concat(task_tables, how="vertical")
     write_table(experts, table_path, run_metadata(**{k: metadata[k] for k in ("model_revision", "seed") if k in metadata}))
     write_table(pl.concat(language_tables, how="vertical"), language_table_path, run_metadata())

@@ -202,10 +202,13 @@ def _pick_zone(
         return block, METHOD_DATA
 
     zone = fallback_layers(layers, num_layers, settings.fallback)
-    log.warning(
-        "%s/%s: largest block of candidate layers %s is shorter than min_layers=%d, so using fallback zone %s",
-        model, task, block, settings.min_layers, zone,
-    )
+    if block:
+        log.warning(
+            "%s/%s: largest block of candidate layers %s is shorter than min_layers=%d, so using fallback zone %s",
+            model, task, block, settings.min_layers, zone,
+        )
+    else:
+        log.warning("%s/%s: no layer is a candidate, so using fallback zone %s", model, task, zone)
     return zone, METHOD_FALLBACK
 
 
