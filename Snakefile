@@ -15,9 +15,10 @@ from snakemake.utils import min_version
 min_version("9.27")
 
 
-# config.yaml is the default; a --configfile on the command line replaces it instead of being
-# merged over it, so a preset never inherits keys it does not set.
-if not config:
+# config.yaml is the default. A --configfile on the command line replaces it instead of being
+# merged over it, so a preset never inherits keys it does not set; --config KEY=VALUE alone
+# still edits the default.
+if not workflow.overwrite_configfiles:
 
     configfile: "config.yaml"
 

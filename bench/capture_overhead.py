@@ -1,7 +1,7 @@
 """Time a batched forward pass with router capture against the same forward without it.
 
 Usage: python bench/capture_overhead.py MODEL_DIR DATA_PARQUET [--batch-size 64] [--repeats 7]
-Prints the median time of each and their ratio; both runs use the same inputs and threads.
+Prints the median time of each and their ratio. Both runs use the same inputs and threads.
 """
 
 from __future__ import annotations

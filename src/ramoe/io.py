@@ -80,8 +80,8 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
         force=True,
     )
 
-    # An uncaught exception reaches only stderr, which Snakemake does not copy into the job's
-    # log; log it too, so the log file that Snakemake points to says why the job failed.
+    # Snakemake does not copy a script's stderr into the job's log. Log uncaught exceptions too,
+    # so the log file that Snakemake points to says why the job failed.
     def log_uncaught(exc_type, exc, traceback) -> None:
         logging.getLogger("ramoe").critical("job failed: %s", exc, exc_info=(exc_type, exc, traceback))
 

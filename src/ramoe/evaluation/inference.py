@@ -25,7 +25,7 @@ def generate_greedy(
     """Greedy-decode a continuation of every prompt, in batches with left padding and the KV cache.
 
     Left padding puts every prompt's last token at the same position, so one ``generate`` call
-    extends all rows; the new tokens are decoded without special tokens.
+    extends all rows. The new tokens are decoded without special tokens.
     """
     tokenizer.padding_side = "left"
     outputs: list[str] = []

@@ -159,6 +159,27 @@ def write_alignment_zone(
     return zones
 
 
+def _write_mask(table: pl.DataFrame, zone: Mapping, path, *, model: str, task: str, top_k: int, tau: float) -> None:
+    """Write one task's expert mask with its alignment zone, and warn when no expert was selected."""
+    mask = expert_mask(table) | {
+        "model": model,
+        "task": task,
+        "top_k": top_k,
+        "zone": {"first_layer": zone["first_layer"], "last_layer": zone["last_layer"], "method": zone["method"]},
+        "tau": tau,
+    }
+    write_json_atomic(path, mask)
+
+    selected = table.filter(pl.col("selected"))
+    log.info("task %s: %d task experts over %d layers (tau %.2f)", task, selected.height,
+             selected["layer"].n_unique(), tau)
+    if selected.is_empty():
+        log.warning(
+            "task %s: no expert has delta > tau = %.2f (largest delta %.3f), so the task-expert mask is "
+            "empty. Lower routing.experts.tau for this model.", task, tau, table["delta"].max(),
+        )
+
+
 def write_task_experts(
     task_trace_paths: Sequence[str | Path],
     general_trace_path: str | Path,
@@ -170,12 +191,13 @@ def write_task_experts(
     model: str,
     settings: Mapping,
 ) -> pl.DataFrame:
-    """Task experts per layer, their masks for training, and language-specific experts."""
+    """Find the task experts per layer, write their masks for training, and tabulate language-specific experts."""
     metadata = read_trace_metadata(general_trace_path)
     cap = settings["experts"].get("max_per_layer") or metadata["top_k"]
     tau = settings["experts"]["tau"]
     general = read_sequence_trace(general_trace_path)
     zones = pl.read_csv(zone_path)
+
     task_tables, language_tables = [], []
     for task, by_lang in _trace_paths_by_task(task_trace_paths).items():
         english = read_sequence_trace(by_lang["en"])
@@ -183,26 +205,13 @@ def write_task_experts(
         task_tables.append(table)
         for lang, path in by_lang.items():
             if lang != "en":
+                target = read_sequence_trace(path)
                 language_tables.append(
-                    language_experts(read_sequence_trace(path), english, tau=tau, top_k=cap, model=model, task=task, lang=lang)
+                    language_experts(target, english, tau=tau, top_k=cap, model=model, task=task, lang=lang)
                 )
         zone = zones.filter(pl.col("task") == task).row(0, named=True)
-        mask = expert_mask(table) | {
-            "model": model,
-            "task": task,
-            "top_k": metadata["top_k"],
-            "zone": {"first_layer": zone["first_layer"], "last_layer": zone["last_layer"], "method": zone["method"]},
-            "tau": tau,
-        }
-        write_json_atomic(mask_paths[task], mask)
-        selected = table.filter(pl.col("selected"))
-        log.info("task %s: %d task experts over %d layers (tau %.2f)", task, selected.height,
-                 selected["layer"].n_unique(), tau)
-        if selected.is_empty():
-            log.warning(
-                "task %s: no expert has delta > tau = %.2f (largest delta %.3f), so the task-expert mask is "
-                "empty. Lower routing.experts.tau for this model.", task, tau, table["delta"].max(),
-            )
+        _write_mask(table, zone, mask_paths[task], model=model, task=task, top_k=metadata["top_k"], tau=tau)
+
     experts = pl.concat(task_tables, how="vertical")
     write_table(experts, table_path, run_metadata(**{k: metadata[k] for k in ("model_revision", "seed") if k in metadata}))
     write_table(pl.concat(language_tables, how="vertical"), language_table_path, run_metadata())

@@ -81,7 +81,7 @@ def pretrain(
 
     ``settings`` is the ``model.pretrain`` config section. The step count is fixed rather than a
     wall-time budget, so the result does not depend on the machine's load. The folder is written
-    atomically and holds the checkpoint, the tokenizer, ``metrics.jsonl`` (one record per log
+    atomically and contains the checkpoint, the tokenizer, ``metrics.jsonl`` (one record per log
     interval) and ``pretrain_config.json`` (the resolved settings, seed and package versions).
     Returns the last logged metrics.
     """
