@@ -7,6 +7,9 @@
 #   categories/{model}/{task}.parquet           cc/ci/ic/ii per train item and target language
 #   traces/{model}/{task}/{lang}.*.parquet      routing traces (token top-k, per-sequence distributions)
 #   experts/{model}/{task}.json                 task-expert mask and alignment zone, read by fine-tuning
+#   checkpoints/{model}/{method}/seed{seed}/{task}/{lang}/   fine-tuned models (sft, ramoe, rise)
+#   eval/{model}/{method}/seed{seed}/{task}.parquet          their test results, target language and English
+#   eval/{model}/steering/{task}.parquet                     Routing Steering of the base model
 #   tables/*.csv, figures/*.{pdf,png}           the paper's tables and figures
 # Logs mirror output paths under results/logs/, timings under results/benchmarks/.
 
@@ -24,12 +27,17 @@ if not workflow.overwrite_configfiles:
 
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/pretrain.smk"
 include: "rules/evaluate.smk"
 include: "rules/categories.smk"
 include: "rules/routing.smk"
+include: "rules/finetune.smk"
+include: "rules/results.smk"
 
 
 rule all:

@@ -18,7 +18,12 @@ rule categories_table:
     input:
         expand("results/categories/{model}/{task}.parquet", model=MODEL, task=TASKS),
     output:
-        "results/tables/categories.csv",
+        report(
+            "results/tables/categories.csv",
+            caption="../workflow/report/categories_table.rst",
+            category="1. Base model",
+            labels={"table": "categories"},
+        ),
     log:
         "results/logs/tables/categories.log",
     conda:
@@ -32,7 +37,12 @@ rule plot_categories:
         table="results/tables/categories.csv",
     output:
         pdf="results/figures/categories.pdf",
-        png="results/figures/categories.png",
+        png=report(
+            "results/figures/categories.png",
+            caption="../workflow/report/categories.rst",
+            category="1. Base model",
+            labels={"figure": "categories"},
+        ),
     log:
         "results/logs/figures/categories.log",
     conda:

@@ -6,19 +6,24 @@ from ramoe.config import check_input_paths, task_languages, validate_config
 
 # Validate before any job is planned: a misspelt key, an out-of-range value or a missing input
 # path stops the run here.
-config = validate_config(config)
+# In place, so that scripts reading snakemake.config also see the filled-in defaults.
+config.update(validate_config(config))
 check_input_paths(config)
 
 MODEL = config["model"]["name"]
 TASKS = config["tasks"]
 LANGS_BY_TASK = {task: task_languages(config, task) for task in TASKS}
 LANGS = sorted({lang for langs in LANGS_BY_TASK.values() for lang in langs})
+TRAINED_METHODS = config["finetune"]["methods"]
+SEEDS = config["finetune"]["seeds"]
 
 
 wildcard_constraints:
     model=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     task="|".join(TASKS),
     lang="|".join(LANGS),
+    method="sft|ramoe|rise",
+    seed=r"\d+",
 
 
 # Keys that set how a job runs; changing them reruns nothing, although another thread count can
@@ -90,13 +95,73 @@ def get_first_sequence_trace(wildcards):
     return get_sequence_traces(wildcards)[0]
 
 
+def get_target_langs(wildcards):
+    return LANGS_BY_TASK[wildcards.task][1:]
+
+
+# Settings of the finetune section that every trained method reads; methods, seeds and threads
+# only decide which jobs exist or how they run, and the method subsections are added per method.
+FINETUNE_OWN_KEYS = ("methods", "seeds", "threads", "alignment", "rise")
+
+
+def get_finetune_settings(wildcards):
+    """The finetune settings of one method as canonical JSON: a RISE setting never reruns SFT."""
+    settings = {k: v for k, v in config["finetune"].items() if k not in FINETUNE_OWN_KEYS}
+    if wildcards.method == "ramoe":
+        settings["alignment"] = config["finetune"]["alignment"]
+    if wildcards.method == "rise":
+        settings["rise"] = config["finetune"]["rise"]
+    return json.dumps(settings, sort_keys=True)
+
+
+def get_finetune_inputs(wildcards):
+    """Data, categories and model of every method; RA-MoE adds the expert mask and English trace, RISE every trace."""
+    inputs = {
+        "data": f"results/data/{wildcards.task}.parquet",
+        "categories": f"results/categories/{wildcards.model}/{wildcards.task}.parquet",
+        "model": get_model_input(wildcards),
+    }
+    trace = "results/traces/{model}/{task}/{lang}.sequences.parquet"
+    if wildcards.method == "ramoe":
+        inputs["experts"] = f"results/experts/{wildcards.model}/{wildcards.task}.json"
+        inputs["traces"] = [trace.format(model=wildcards.model, task=wildcards.task, lang="en")]
+    elif wildcards.method == "rise":
+        inputs["traces"] = [
+            trace.format(model=wildcards.model, task=wildcards.task, lang=lang) for lang in LANGS_BY_TASK[wildcards.task]
+        ]
+    return inputs
+
+
+def get_task_checkpoints(wildcards):
+    return expand(
+        "results/checkpoints/{model}/{method}/seed{seed}/{task}/{lang}",
+        model=wildcards.model,
+        method=wildcards.method,
+        seed=wildcards.seed,
+        task=wildcards.task,
+        lang=get_target_langs(wildcards),
+    )
+
+
+def get_finetuned_evaluations(wildcards):
+    return expand(
+        "results/eval/{model}/{method}/seed{seed}/{task}.parquet",
+        model=MODEL,
+        method=TRAINED_METHODS,
+        seed=SEEDS,
+        task=TASKS,
+    )
+
+
 def get_final_outputs():
-    figures = ["categories", "divergence_by_layer", "task_experts"]
+    figures = ["categories", "divergence_by_layer", "task_experts", "main_results", "ci_vs_gain"]
     return [
         "results/tables/accuracy_base.csv",
         "results/tables/categories.csv",
         "results/tables/divergence.csv",
         "results/tables/alignment_zone.csv",
         "results/tables/task_experts.csv",
+        "results/tables/main_results.csv",
+        "results/tables/ci_vs_gain.csv",
         *expand("results/figures/{name}.{ext}", name=figures, ext=["pdf", "png"]),
     ]

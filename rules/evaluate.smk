@@ -29,7 +29,12 @@ rule accuracy_base:
     input:
         get_base_evaluations,
     output:
-        table="results/tables/accuracy_base.csv",
+        table=report(
+            "results/tables/accuracy_base.csv",
+            caption="../workflow/report/accuracy_base.rst",
+            category="1. Base model",
+            labels={"table": "accuracy_base"},
+        ),
     log:
         "results/logs/tables/accuracy_base.log",
     conda:

@@ -54,7 +54,12 @@ rule divergence:
     input:
         get_sequence_traces,
     output:
-        "results/tables/divergence.csv",
+        report(
+            "results/tables/divergence.csv",
+            caption="../workflow/report/divergence_table.rst",
+            category="2. Routing",
+            labels={"table": "divergence"},
+        ),
     params:
         model=MODEL,
         seed=config["routing"]["seed"],
@@ -72,7 +77,12 @@ rule alignment_zone:
         accuracy="results/tables/accuracy_base.csv",
         trace=get_first_sequence_trace,
     output:
-        "results/tables/alignment_zone.csv",
+        report(
+            "results/tables/alignment_zone.csv",
+            caption="../workflow/report/alignment_zone_table.rst",
+            category="2. Routing",
+            labels={"table": "alignment_zone"},
+        ),
     params:
         routing=section("routing"),
     log:
@@ -89,7 +99,12 @@ rule task_experts:
         general=f"results/traces/{MODEL}/general_text.sequences.parquet",
         zone="results/tables/alignment_zone.csv",
     output:
-        table="results/tables/task_experts.csv",
+        table=report(
+            "results/tables/task_experts.csv",
+            caption="../workflow/report/task_experts_table.rst",
+            category="2. Routing",
+            labels={"table": "task_experts"},
+        ),
         languages="results/tables/language_experts.csv",
         masks=expand("results/experts/{model}/{task}.json", model=MODEL, task=TASKS),
     params:
@@ -112,9 +127,19 @@ rule plot_routing:
         experts="results/tables/task_experts.csv",
     output:
         divergence_pdf="results/figures/divergence_by_layer.pdf",
-        divergence_png="results/figures/divergence_by_layer.png",
+        divergence_png=report(
+            "results/figures/divergence_by_layer.png",
+            caption="../workflow/report/divergence_by_layer.rst",
+            category="2. Routing",
+            labels={"figure": "divergence_by_layer"},
+        ),
         experts_pdf="results/figures/task_experts.pdf",
-        experts_png="results/figures/task_experts.png",
+        experts_png=report(
+            "results/figures/task_experts.png",
+            caption="../workflow/report/task_experts.rst",
+            category="2. Routing",
+            labels={"figure": "task_experts"},
+        ),
     params:
         split=config["routing"]["split"],
     log:

@@ -122,6 +122,7 @@ def check_consistency(config: Mapping) -> None:
                 raise ConfigError(f"data.real.tasks.{task}.hub_id is required when its source is 'hub'.")
 
     check_routing(config)
+    check_finetune(config)
 
     model = config["model"]
     if model["source"] == "pretrain":
@@ -187,6 +188,20 @@ def check_routing(config: Mapping) -> None:
                 f"routing.experts.max_per_layer = {cap} exceeds the model's top_k = {top_k}; "
                 "more task experts than top_k could never all be routed to at once."
             )
+
+
+def check_finetune(config: Mapping) -> None:
+    rise = config["finetune"]["rise"]
+    if abs(sum(rise["zone_split"]) - 1.0) > 1e-6:
+        raise ConfigError(
+            f"finetune.rise.zone_split = {rise['zone_split']} sums to {sum(rise['zone_split']):.4g}; the shallow, "
+            "middle and deep shares of the budget must sum to 1."
+        )
+    start, end = rise["depth_bounds"]
+    if not 0 < start < end < 1:
+        raise ConfigError(
+            f"finetune.rise.depth_bounds = {[start, end]} is invalid: need 0 < middle start < deep start < 1."
+        )
 
 
 def check_input_paths(config: Mapping, base: str | Path = ".") -> None:

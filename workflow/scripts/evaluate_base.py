@@ -17,4 +17,5 @@ evaluate_task_language(
     settings=json.loads(snakemake.params.evaluation),
     seed=snakemake.params.seed,
     threads=snakemake.threads,
+    device=snakemake.config["device"],
 )

@@ -17,4 +17,5 @@ trace_task_language(
     settings=json.loads(snakemake.params.routing),
     seed=snakemake.params.seed,
     threads=snakemake.threads,
+    device=snakemake.config["device"],
 )

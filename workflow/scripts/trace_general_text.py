@@ -15,4 +15,5 @@ trace_general_text(
     settings=json.loads(snakemake.params.routing),
     seed=snakemake.params.seed,
     threads=snakemake.threads,
+    device=snakemake.config["device"],
 )

@@ -12,6 +12,7 @@ import torch
 
 from ramoe.data.schema import read_parallel
 from ramoe.io import run_metadata, write_json_atomic
+from ramoe.device import resolve_device
 from ramoe.models.loading import load_model, model_revision
 from ramoe.routing.divergence import divergence_table
 from ramoe.routing.experts import expert_mask, language_experts, task_experts
@@ -23,9 +24,10 @@ from ramoe.tables import write_table
 log = logging.getLogger(__name__)
 
 
-def _trace(model_source: Mapping, texts, settings: Mapping, token_path, sequence_path, seed: int, threads: int) -> dict:
+def _trace(model_source: Mapping, texts, settings: Mapping, token_path, sequence_path, seed: int, threads: int,
+           device: str) -> dict:
     torch.set_num_threads(threads)
-    model, tokenizer = load_model(model_source)
+    model, tokenizer = load_model(model_source, device=resolve_device(device))
     provenance = {"model_revision": model_revision(model_source), "dtype": model_source.get("dtype"), "seed": seed}
     summary = capture_traces(
         model,
@@ -51,6 +53,7 @@ def trace_task_language(
     settings: Mapping,
     seed: int,
     threads: int = 1,
+    device: str = "auto",
 ) -> dict:
     """Trace the routing of one task's items in one language (the ``routing.split`` items)."""
     rows = [r for r in read_parallel(data_path).to_pylist() if r["lang"] == lang and r["split"] == settings["split"]]
@@ -63,7 +66,7 @@ def trace_task_language(
     if not settings["token_traces"]:
         Path(token_path).parent.mkdir(parents=True, exist_ok=True)
         Path(token_path).touch()  # an empty placeholder keeps the rule's outputs fixed
-    return _trace(model_source, texts, settings, token_path, sequence_path, seed, threads)
+    return _trace(model_source, texts, settings, token_path, sequence_path, seed, threads, device)
 
 
 def read_general_text(path: str | Path, max_passages: int | None = None) -> list[str]:
@@ -92,11 +95,12 @@ def trace_general_text(
     settings: Mapping,
     seed: int,
     threads: int = 1,
+    device: str = "auto",
 ) -> dict:
     """Trace the routing of the general English text (per-sequence distributions only)."""
     passages = read_general_text(text_path, settings["general_text"].get("max_passages"))
     texts = [(f"general-{i:05d}", "en", p) for i, p in enumerate(passages)]
-    return _trace(model_source, texts, dict(settings, token_traces=False), None, sequence_path, seed, threads)
+    return _trace(model_source, texts, dict(settings, token_traces=False), None, sequence_path, seed, threads, device)
 
 
 def _trace_paths_by_task(paths: Sequence[str | Path]) -> dict[str, dict[str, Path]]:
