@@ -91,6 +91,65 @@ def test_figures_and_logs(finished_run):
     assert (finished_run / "results/models/test-olmoe/metrics.jsonl").is_file()
 
 
+def test_method_comparison_tables(finished_run):
+    main = pl.read_csv(finished_run / "results/tables/main_results.csv")
+    assert main.columns[:7] == ["model", "task", "lang", "train_lang", "method", "seed", "n"]
+    assert set(main["method"]) == {"base", "steering", "sft", "ramoe", "rise"}
+    trained = main.filter(pl.col("method").is_in(["sft", "ramoe", "rise"]))
+    assert set(trained["seed"]) == {0, 1}
+    # each (task, method, seed) model trained on xa or xd is evaluated there and in English
+    assert trained.height == 2 * 3 * 2 * 2 * 2
+    assert set(trained.filter(pl.col("lang") == "en")["train_lang"]) == {"xa", "xd"}
+    assert (main["n"] == 8).all()  # 24 items, a third of them test
+    gain = pl.read_csv(finished_run / "results/tables/ci_vs_gain.csv")
+    assert {"ci_share", "n_ci", "gain", "gain_ci_low", "gain_ci_high", "p_value", "pearson_r", "spearman_r"} <= set(
+        gain.columns
+    )
+    assert gain.height == 4
+    for name in ("main_results", "ci_vs_gain"):
+        assert (finished_run / f"results/figures/{name}.png").stat().st_size > 1000
+
+
+def test_checkpoints_and_training_logs(finished_run):
+    folder = finished_run / "results/checkpoints/test-olmoe/ramoe/seed1/cause/xd"
+    assert {"config.json", "model.safetensors", "metrics.jsonl", "finetune_config.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    record = json.loads((folder / "finetune_config.json").read_text())
+    assert record["seed"] == 1
+    assert record["settings"]["alignment"]["lambda"] == 1.0
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "lm_loss", "align_loss", "ci_rows", "lr"} <= set(metrics[0])
+    rise = json.loads((finished_run / "results/checkpoints/test-olmoe/rise/seed0/arith/xa/finetune_config.json").read_text())
+    assert rise["rise_budget"] == 2  # 25% of 2 layers x 4 experts
+    assert sum(len(experts) for experts in rise["rise_experts"].values()) == 2
+
+
+def test_report_has_every_figure(finished_run):
+    report = finished_run / "report.html"
+    result = snakemake(finished_run, "--report", str(report), "--cores", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = report.read_text(errors="replace")
+    for name in ("main_results", "ci_vs_gain", "divergence_by_layer", "categories", "task_experts"):
+        assert f"{name}.png" in text
+
+
+def test_alignment_change_reruns_ramoe_only(finished_run):
+    config = yaml.safe_load((finished_run / "config.yaml").read_text())
+    config["finetune"].setdefault("alignment", {})["lambda"] = 2.0
+    changed = finished_run / "changed-lambda"
+    changed.mkdir()
+    (changed / "config.yaml").write_text(yaml.safe_dump(config))
+    shutil.copytree(finished_run / "results", changed / "results")
+    shutil.copytree(finished_run / ".snakemake", changed / ".snakemake", ignore=shutil.ignore_patterns("locks"))
+    result = snakemake(changed, "-n", "--cores", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = planned_jobs(result.stdout)
+    assert jobs["finetune"] == 2 * 2 * 2  # ramoe x tasks x languages x seeds; sft and rise stay
+    assert jobs["evaluate_finetuned"] == 2 * 2
+    assert set(jobs) == {"finetune", "evaluate_finetuned", "main_results", "plot_results", "all"}
+
+
 def test_finished_tree_is_noop(finished_run):
     result = snakemake(finished_run, "-n", "--cores", "1")
     assert result.returncode == 0, result.stderr[-2000:]

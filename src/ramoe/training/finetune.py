@@ -195,6 +195,57 @@ def set_trainable(model: PreTrainedModel, layout: MoELayout, which: str) -> list
     return trainable
 
 
+def make_optimizer(parameters: Sequence[torch.nn.Parameter], settings: Mapping,
+                   no_decay: Sequence[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
+    """AdamW over ``parameters``; those in ``no_decay`` get no weight decay (RISE's masked expert tensors)."""
+    no_decay_ids = {id(p) for p in no_decay}
+    groups = [
+        {"params": [p for p in parameters if id(p) not in no_decay_ids], "weight_decay": settings["weight_decay"]},
+        {"params": [p for p in parameters if id(p) in no_decay_ids], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings["lr"], betas=(0.9, 0.999))
+
+
+def training_step(
+    model: PreTrainedModel,
+    batch_examples: Sequence[TrainExample],
+    batch: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    parameters: Sequence[torch.nn.Parameter],
+    *,
+    grad_clip: float,
+    capture: RouterCapture | None = None,
+    aligner: RoutingAligner | None = None,
+    align_weight: float = 0.0,
+    step: int = 0,
+) -> tuple[float, float, int]:
+    """Run one optimizer step and return (LM loss, alignment loss, ci rows aligned).
+
+    With an aligner, the router hooks of ``capture`` record this forward's logits with their
+    graph, so the alignment term backpropagates into the routers and everything below them.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    if aligner is not None:
+        capture.clear()
+        with capture:
+            out = model(**inputs)
+        align, ci_rows = aligner(capture, batch_examples, batch["span_mask"])
+    else:
+        out = model(**inputs)
+        align, ci_rows = torch.zeros((), device=out.loss.device), 0
+    loss = out.loss + align_weight * align
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite loss at step {step + 1} (lm {out.loss.item():.4g}, alignment {align.item():.4g}); "
+            f"batch items {[e.item_id for e in batch_examples]}. Lower finetune.lr or check these items."
+        )
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(out.loss.detach()), float(align.detach()), ci_rows
+
+
 def train(
     model: PreTrainedModel,
     examples: Sequence[TrainExample],
@@ -209,26 +260,20 @@ def train(
     metrics_path: str | Path | None = None,
     desc: str = "finetune",
 ) -> list[dict]:
-    """Fine-tune ``parameters`` for ``settings['epochs']`` epochs; returns the logged metric records.
+    """Fine-tune ``parameters`` for ``settings['epochs']`` epochs and return the logged metric records.
 
     Loss per step: the causal-LM loss of the batch (mean over completion tokens) plus
-    ``align_weight`` times the aligner's mean over the batch's ci rows. Parameters in
-    ``no_decay`` get no weight decay (RISE's masked expert tensors). A non-finite loss stops
-    training with the step and the batch's item ids.
+    ``align_weight`` times the aligner's mean over the batch's ci rows. Batches are drawn in a
+    seeded random order each epoch. A non-finite loss stops training with the step and the
+    batch's item ids.
     """
     set_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     batch_size = settings["batch_size"]
-    steps_per_epoch = math.ceil(len(examples) / batch_size)
-    total_steps = settings["epochs"] * steps_per_epoch
-    no_decay_ids = {id(p) for p in no_decay}
-    groups = [
-        {"params": [p for p in parameters if id(p) not in no_decay_ids], "weight_decay": settings["weight_decay"]},
-        {"params": [p for p in parameters if id(p) in no_decay_ids], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=settings["lr"], betas=(0.9, 0.999))
+    total_steps = settings["epochs"] * math.ceil(len(examples) / batch_size)
     warmup = round(settings["warmup_ratio"] * total_steps)
+    optimizer = make_optimizer(parameters, settings, no_decay)
     capture = RouterCapture(model, keep_graph=True) if aligner is not None else None
 
     records: list[dict] = []
@@ -248,36 +293,16 @@ def train(
                             min_lr_ratio=settings["min_lr_ratio"])
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-
-                # forward: the router hooks record this call's logits with their graph
-                if capture is not None:
-                    capture.clear()
-                    with capture:
-                        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    labels=batch["labels"])
-                    align, ci_rows = aligner(capture, batch_examples, batch["span_mask"])
-                else:
-                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                labels=batch["labels"])
-                    align, ci_rows = torch.zeros((), device=device), 0
-                loss = out.loss + align_weight * align
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss at step {step + 1} (lm {out.loss.item():.4g}, alignment {align.item():.4g}); "
-                        f"batch items {[e.item_id for e in batch_examples]}. Lower finetune.lr or check these items."
-                    )
-
-                # backward, clip, step
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, settings["grad_clip"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                lm_loss, align_loss, ci_rows = training_step(
+                    model, batch_examples, batch, optimizer, parameters, grad_clip=settings["grad_clip"],
+                    capture=capture, aligner=aligner, align_weight=align_weight, step=step,
+                )
                 step += 1
                 progress.update(1)
 
-                # log
-                window["lm_loss"] += float(out.loss.detach())
-                window["align_loss"] += float(align.detach())
+                # log the means over the window
+                window["lm_loss"] += lm_loss
+                window["align_loss"] += align_loss
                 window["ci_rows"] += ci_rows
                 window["steps"] += 1
                 window["tokens"] += int(batch["attention_mask"].sum())
