@@ -27,8 +27,9 @@ wildcard_constraints:
 
 
 # Keys that set how a job runs; changing them reruns nothing, although another thread count can
-# change floating-point sums and so the last digits of a result.
-EXECUTION_KEYS = ("threads",)
+# change floating-point sums and so the last digits of a result. save_every (steps between saves
+# of the training state to resume from) never changes a result.
+EXECUTION_KEYS = ("threads", "save_every")
 
 
 def section(*keys):
@@ -57,10 +58,21 @@ def get_model_input(wildcards):
 def get_model_source(wildcards):
     model = config["model"]
     if model["source"] == "pretrain":
-        return {"kind": "local", "path": f"results/models/{wildcards.model}", "revision": None, "dtype": model["dtype"]}
-    if model["source"] == "local":
-        return {"kind": "local", "path": model["path"], "revision": None, "dtype": model["dtype"]}
-    return {"kind": "hub", "path": model["hub_id"], "revision": model.get("revision"), "dtype": model["dtype"]}
+        source = {"kind": "local", "path": f"results/models/{wildcards.model}", "revision": None, "dtype": model["dtype"]}
+    elif model["source"] == "local":
+        source = {"kind": "local", "path": model["path"], "revision": None, "dtype": model["dtype"]}
+    else:
+        source = {"kind": "hub", "path": model["hub_id"], "revision": model.get("revision"), "dtype": model["dtype"]}
+    # Only a set device_map enters the params, so configs without it rerun nothing.
+    if model.get("device_map"):
+        source["device_map"] = model["device_map"]
+    # Tracing and fine-tuning wrap prompts as evaluation does; only a chat template that is on
+    # enters the params, so configs without one rerun nothing.
+    evaluation = config["evaluation"]
+    if evaluation.get("chat_template"):
+        source["chat_template"] = True
+        source["chat_template_kwargs"] = evaluation.get("chat_template_kwargs", {})
+    return source
 
 
 def get_base_evaluations(wildcards):
@@ -99,18 +111,21 @@ def get_target_langs(wildcards):
     return LANGS_BY_TASK[wildcards.task][1:]
 
 
-# Settings of the finetune section that every trained method reads; methods, seeds and threads
-# only decide which jobs exist or how they run, and the method subsections are added per method.
-FINETUNE_OWN_KEYS = ("methods", "seeds", "threads", "alignment", "rise")
+# Settings of the finetune section that every trained method reads; methods, seeds, threads and
+# processes only decide which jobs exist or how they run, and the method subsections are added
+# per method (lora only where it is the trainable set).
+FINETUNE_OWN_KEYS = ("methods", "seeds", "threads", "processes", "alignment", "rise", "lora")
 
 
 def get_finetune_settings(wildcards):
     """The finetune settings of one method as canonical JSON: a RISE setting never reruns SFT."""
-    settings = {k: v for k, v in config["finetune"].items() if k not in FINETUNE_OWN_KEYS}
+    settings = {k: v for k, v in config["finetune"].items() if k not in FINETUNE_OWN_KEYS + EXECUTION_KEYS}
     if wildcards.method == "ramoe":
         settings["alignment"] = config["finetune"]["alignment"]
     if wildcards.method == "rise":
         settings["rise"] = config["finetune"]["rise"]
+    elif settings["trainable"] == "lora":
+        settings["lora"] = config["finetune"]["lora"]
     return json.dumps(settings, sort_keys=True)
 
 

@@ -8,7 +8,7 @@ rule pretrain:
     output:
         directory("results/models/{model}"),
     params:
-        pretrain=section("model", "pretrain"),
+        pretrain=section("model", "pretrain") if config["model"]["source"] == "pretrain" else None,
         synthetic=section("data", "synthetic") if config["data"]["source"] == "synthetic" else None,
     threads: config["model"].get("pretrain", {}).get("threads", 1)
     resources:

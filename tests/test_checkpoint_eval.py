@@ -113,7 +113,7 @@ def test_evaluate_examples_columns(checkpoint, tiny_world):
     frame = evaluate_examples(model, tokenizer, rows, settings, model_name="m", method="base", seed=0)
     assert frame.columns == [
         "model", "method", "seed", "task", "lang", "split", "item_id", "prompt", "raw_output",
-        "parsed_answer", "gold", "parse_failure", "correct", "choice_scores",
+        "parsed_answer", "gold", "parse_failure", "correct", "choice_scores", "score",
     ]
     for row in frame.iter_rows(named=True):
         assert row["parse_failure"] == (row["parsed_answer"] is None)

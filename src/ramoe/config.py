@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -19,7 +20,7 @@ import jsonschema
 import yaml
 
 SYNTHETIC_TASKS = ("arith", "cause")
-REAL_TASKS = ("mgsm", "xcopa")
+REAL_TASKS = ("mgsm", "xcopa", "xnli", "xquad")
 
 
 class ConfigError(ValueError):
@@ -120,6 +121,11 @@ def check_consistency(config: Mapping) -> None:
                 raise ConfigError(f"data.real.tasks.{task}.data_dir is required when its source is 'local'.")
             if settings["source"] == "hub" and not settings.get("hub_id"):
                 raise ConfigError(f"data.real.tasks.{task}.hub_id is required when its source is 'hub'.")
+            if task == "xcopa" and not settings.get("data_dir"):
+                raise ConfigError(
+                    "data.real.tasks.xcopa.data_dir is required, also with source 'hub': English COPA and "
+                    "the corrected answer key (xcopa_key.tsv) are always read from the local XCOPA folder."
+                )
 
     check_routing(config)
     check_finetune(config)
@@ -170,24 +176,36 @@ def check_routing(config: Mapping) -> None:
     if start >= end:
         raise ConfigError(f"routing.zone.fallback = {[start, end]} is invalid: the start must be below the end.")
     override = routing["zone"].get("override")
+    if override is not None and override[0] > override[1]:
+        raise ConfigError(f"routing.zone.override = {override} is invalid: first_layer must not exceed last_layer.")
+    # A missing model.pretrain section is reported by check_consistency after this check.
+    if config["model"]["source"] == "pretrain" and "pretrain" in config["model"]:
+        arch = config["model"]["pretrain"]["architecture"]
+        check_routing_fits_model(config, moe_layers=list(range(arch["num_layers"])), top_k=arch["top_k"])
+
+
+def check_routing_fits_model(config: Mapping, *, moe_layers: list[int], top_k: int) -> None:
+    """Raise unless the zone override lies on MoE layers and the expert cap is at most top_k.
+
+    ``moe_layers`` are the decoder layers that have a router. In the pretrained model that is
+    every layer, while DeepSeek-V3 starts with dense layers.
+    """
+    routing = config["routing"]
+    override = routing["zone"].get("override")
     if override is not None:
         first, last = override
-        if first > last:
-            raise ConfigError(f"routing.zone.override = {override} is invalid: first_layer must not exceed last_layer.")
-        if config["model"]["source"] == "pretrain":
-            num_layers = config["model"]["pretrain"]["architecture"]["num_layers"]
-            if last >= num_layers:
-                raise ConfigError(
-                    f"routing.zone.override = {override} lies outside the model's layers 0..{num_layers - 1}."
-                )
-    cap = routing["experts"].get("max_per_layer")
-    if cap is not None and config["model"]["source"] == "pretrain":
-        top_k = config["model"]["pretrain"]["architecture"]["top_k"]
-        if cap > top_k:
+        if first not in moe_layers or last not in moe_layers:
             raise ConfigError(
-                f"routing.experts.max_per_layer = {cap} exceeds the model's top_k = {top_k}; "
-                "more task experts than top_k could never all be routed to at once."
+                f"routing.zone.override = {override} lies outside the model's layers {moe_layers[0]}..{moe_layers[-1]} "
+                f"that have a router. Choose first_layer and last_layer among {moe_layers}."
             )
+    cap = routing["experts"].get("max_per_layer")
+    if cap is not None and cap > top_k:
+        raise ConfigError(
+            f"routing.experts.max_per_layer = {cap} exceeds the model's top_k = {top_k}. "
+            "More task experts than top_k could never all be routed to at once. Set it to at most "
+            f"{top_k}, or null to use top_k."
+        )
 
 
 def check_finetune(config: Mapping) -> None:
@@ -202,10 +220,37 @@ def check_finetune(config: Mapping) -> None:
         raise ConfigError(
             f"finetune.rise.depth_bounds = {[start, end]} is invalid: need 0 < middle start < deep start < 1."
         )
+    finetune = config["finetune"]
+    if finetune["processes"] > 1 and config["model"].get("device_map"):
+        raise ConfigError(
+            f"finetune.processes = {finetune['processes']} keeps a whole model copy in every process, but "
+            f"model.device_map = {config['model']['device_map']!r} spreads one model over several devices. "
+            "Set model.device_map: null, or finetune.processes: 1."
+        )
+    if finetune["trainable"] == "lora":
+        lora = finetune["lora"]
+        weight_targets = lora["routers"] or lora["expert_parameters"]
+        if not weight_targets and not lora["attention_modules"]:
+            raise ConfigError(
+                "finetune.lora targets nothing: attention_modules and expert_parameters are empty and routers is "
+                "false. Name at least one target."
+            )
+        if lora["dropout"] > 0 and weight_targets:
+            raise ConfigError(
+                f"finetune.lora.dropout = {lora['dropout']} works only on attention_modules: PEFT adapts the routers "
+                "and expert tensors through their weights, where input dropout is undefined. Set dropout: 0, or "
+                "routers: false and expert_parameters: []."
+            )
 
 
 def check_input_paths(config: Mapping, base: str | Path = ".") -> None:
-    """Raise unless every local input that the config names exists (relative to ``base``)."""
+    """Raise unless every input that the config names can be read and ``base/results`` can be written.
+
+    Local paths must exist, real data files must exist for every language, a local checkpoint
+    must be a supported MoE model that fits the routing settings, and no hub input may be
+    requested while the hub is offline. Relative paths are relative to ``base``. A workflow
+    calls this before planning, so none of these stops a run after hours of earlier jobs.
+    """
     paths = []
     if config["data"]["source"] == "real":
         for task in config["tasks"]:
@@ -220,10 +265,113 @@ def check_input_paths(config: Mapping, base: str | Path = ".") -> None:
     for key, value in paths:
         resolved = (Path(base) / value).resolve()
         if not resolved.exists():
+            local_only = (
+                " The general text is read from a local file only (.txt, .jsonl, .tsv or SQuAD .json), "
+                "never from the hub."
+                if key == "routing.general_text.path" else ""
+            )
             raise ConfigError(
                 f"{key} = {value!r} does not exist (resolved to {resolved}; relative paths are relative "
                 "to the working directory). Point it at the local copy, or pass a config with the right path."
+                + local_only
             )
+    _check_hub_offline(config)
+    if config["data"]["source"] == "real":
+        _check_real_data_files(config, base)
+    if config["model"]["source"] == "local":
+        _check_local_model(config, base)
+    check_results_folder(base)
+
+
+def _check_hub_offline(config: Mapping) -> None:
+    """Raise when the config requests a hub model or hub data set while the hub is offline."""
+    if config["model"]["source"] == "hub":
+        # The same variables as ramoe.models.loading.hub_offline, which is not imported here
+        # because importing that module loads torch on every dry run.
+        variables = [name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                     if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")]
+        if variables:
+            raise ConfigError(
+                f"model.hub_id = {config['model']['hub_id']!r} needs the Hugging Face hub, but the hub is offline "
+                f"({variables[0]}={os.environ[variables[0]]}). Download the checkpoint on a connected machine "
+                "and set model.source: local with model.path pointing at its folder."
+            )
+    if config["data"]["source"] == "real":
+        from ramoe.data.real import require_hub_online
+
+        for task in config["tasks"]:
+            settings = config["data"]["real"]["tasks"][task]
+            if settings["source"] == "hub":
+                try:
+                    require_hub_online(settings["hub_id"])
+                except RuntimeError as error:
+                    raise ConfigError(f"data.real.tasks.{task}.source is 'hub': {error}") from None
+
+
+def _check_real_data_files(config: Mapping, base: str | Path) -> None:
+    """Raise unless the data files of every real task exist for each of its languages."""
+    from ramoe.data.real import local_files
+
+    for task in config["tasks"]:
+        settings = config["data"]["real"]["tasks"][task]
+        data_dir = settings.get("data_dir")
+        langs = task_languages(config, task)
+        try:
+            local_files(task, langs, source=settings["source"],
+                        data_dir=None if data_dir is None else Path(base) / data_dir)
+        except (OSError, ValueError) as error:
+            key = f"task_languages.{task}" if task in config.get("task_languages", {}) else "target_languages"
+            raise ConfigError(
+                f"cannot load task {task!r} in languages {langs} (data.real.tasks.{task}, {key}): {error}"
+            ) from None
+
+
+def _check_local_model(config: Mapping, base: str | Path) -> None:
+    """Raise unless model.path is a checkpoint of a supported MoE model that fits the routing settings."""
+    from ramoe.routing.adapters import NoMoELayersError, UnsupportedMoEModelError, describe_checkpoint
+
+    value = config["model"]["path"]
+    folder = Path(base) / value
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"model.path = {value!r} has no config.json, so it is not a Hugging Face checkpoint folder. Point "
+            "model.path at the folder that contains config.json and the weights."
+        )
+    try:
+        layout = describe_checkpoint(folder)
+    except NoMoELayersError as error:
+        raise ConfigError(
+            f"model.path = {value!r} is not a Mixture-of-Experts model: {error} RA-MoE needs a model with routers."
+        ) from None
+    except (UnsupportedMoEModelError, ValueError) as error:
+        raise ConfigError(f"model.path = {value!r} is not a supported MoE checkpoint: {error}") from None
+    check_routing_fits_model(config, moe_layers=layout.moe_layers, top_k=layout.top_k)
+
+
+def check_results_folder(base: str | Path = ".") -> None:
+    """Raise unless ``base/results`` is, or can be created as, a writable folder.
+
+    Uses os.access, which reports a read-only file system to root too, while root ignores
+    permission bits, so only a read-only mount or a non-folder in the way is caught for root.
+    """
+    results = Path(base) / "results"
+    existing = results
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == results:
+            problem = f"{str(results)!r} exists but is not a folder"
+        else:
+            problem = f"{str(existing)!r} is not a folder, so {str(results)!r} cannot be created"
+        raise ConfigError(
+            f"cannot write results: {problem}. Move that file away, or run the workflow in another working "
+            "directory (snakemake --directory)."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"the results folder {str(results)!r} is not writable ({str(existing)!r} denies writes). Make it "
+            "writable, or run the workflow in another working directory (snakemake --directory)."
+        )
 
 
 def validate_config(config: Mapping) -> dict:

@@ -17,6 +17,7 @@ evaluate_finetuned(
     model_name=snakemake.wildcards.model,
     settings=json.loads(snakemake.params.evaluation),
     dtype=snakemake.params.dtype,
+    device_map=snakemake.config["model"].get("device_map"),
     threads=snakemake.threads,
     device=snakemake.config["device"],
 )

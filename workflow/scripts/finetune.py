@@ -1,4 +1,7 @@
-"""Fine-tune one method on one task in one target language and save the checkpoint."""
+"""Fine-tune one method on one task in one target language and save the checkpoint.
+
+With finetune.processes above 1 the package function launches DDP workers through torchrun.
+"""
 
 import json
 from pathlib import Path
@@ -19,11 +22,13 @@ finetune_task_language(
     task=snakemake.wildcards.task,
     lang=snakemake.wildcards.lang,
     model_source=snakemake.params.model_source,
-    settings=json.loads(snakemake.params.settings),
+    # save_every is left out of the params (changing it reruns nothing), so it comes from the config
+    settings={**json.loads(snakemake.params.settings), "save_every": snakemake.config["finetune"]["save_every"]},
     routing=json.loads(snakemake.params.routing),
     seed=int(snakemake.wildcards.seed),
     experts_path=snakemake.input.get("experts"),
     trace_paths=traces,
     threads=snakemake.threads,
     device=snakemake.config["device"],
+    processes=snakemake.config["finetune"]["processes"],
 )

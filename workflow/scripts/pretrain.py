@@ -10,7 +10,8 @@ from ramoe.training.pretrain import pretrain_from_corpus  # noqa: E402
 
 pretrain_from_corpus(
     snakemake.input.corpus,
-    json.loads(snakemake.params.pretrain),
+    # save_every is left out of the params (changing it reruns nothing), so it comes from the config
+    {**json.loads(snakemake.params.pretrain), "save_every": snakemake.config["model"]["pretrain"]["save_every"]},
     snakemake.output[0],
     task_paths=snakemake.input.tasks,
     threads=snakemake.threads,

@@ -17,4 +17,9 @@ rows = load_task(
     test_fraction=snakemake.params.test_fraction,
     split_seed=snakemake.params.split_seed,
 )
-write_parallel(rows, snakemake.output[0], name=f"task {snakemake.wildcards.task!r}")
+write_parallel(
+    rows,
+    snakemake.output[0],
+    name=f"task {snakemake.wildcards.task!r}",
+    provenance={"seed": snakemake.params.split_seed, "source": loader["source"]},
+)

@@ -1,9 +1,11 @@
-"""Loaders that turn the real MGSM and XCOPA data sets into rows of the parallel schema.
+"""Loaders that turn the real MGSM, XCOPA, XNLI and XQuAD data sets into rows of the parallel schema.
 
-Both loaders read either a local copy of the data set (``source="local"``, the default) or the
+Every loader reads either a local copy of the data set (``source="local"``, the default) or the
 Hugging Face hub (``source="hub"``). English is the reference language, so every call loads it.
-Neither data set has a train split, so items are split into train and test here, by item id and
-identically for every language (``split_item_ids``).
+None of the data sets has a train split, so items are split into train and test here, by item id
+and identically for every language (``split_item_ids``). XNLI and XQuAD split whole groups of
+items that share a text (the three hypotheses of a premise, the questions on a paragraph), so
+that no premise or paragraph is seen in training and tested again.
 """
 
 from __future__ import annotations
@@ -99,10 +101,73 @@ def split_item_ids(item_ids: Sequence[str], test_fraction: float, seed: int) -> 
 
 def load_task(task: str, lang_codes: Sequence[str], **options) -> list[dict]:
     """Load a real task by name. ``options`` are the keyword arguments of its loader."""
-    loaders: dict[str, Callable[..., list[dict]]] = {"mgsm": load_mgsm, "xcopa": load_xcopa}
+    loaders: dict[str, Callable[..., list[dict]]] = {
+        "mgsm": load_mgsm,
+        "xcopa": load_xcopa,
+        "xnli": load_xnli,
+        "xquad": load_xquad,
+    }
     if task not in loaders:
         raise ValueError(f"unknown real task {task!r}. Known tasks: {', '.join(sorted(loaders))}.")
     return loaders[task](lang_codes, **options)
+
+
+def local_files(
+    task: str, lang_codes: Sequence[str], *, source: str = "local", data_dir: str | Path | None = None
+) -> list[Path]:
+    """List the local files that loading a real task reads, without reading them.
+
+    Raises the loader's errors for an unsupported language, a missing ``data_dir`` or a missing
+    language file, so that a workflow can stop before its first job. MGSM, XNLI and XQuAD from
+    the hub read no local file, while XCOPA from the hub still reads English and the answer key.
+    An unknown task returns an empty list.
+    """
+    if task == "mgsm":
+        langs = _check_langs(lang_codes, sorted(MGSM_PROMPT_LABELS), task=task)
+        if source == "hub":
+            return []
+        folder = _check_data_dir(data_dir, task=task)
+        paths = []
+        for lang in langs:
+            path = folder / f"mgsm_{lang}.tsv"
+            if not path.is_file():
+                _raise_missing_language(path, lang, folder, _mgsm_local_langs(folder))
+            paths.append(path)
+        return paths
+    if task == "xcopa":
+        langs = _check_langs(lang_codes, sorted(XCOPA_CONNECTIVES), task=task)
+        folder = _check_data_dir(data_dir, task=task)
+        paths = [folder / XCOPA_KEY_FILE]
+        if not paths[0].is_file():
+            raise FileNotFoundError(f"xcopa: the answer key {paths[0]} was not found. Point data_dir at the XCOPA folder.")
+        for lang in langs if source == "local" else [REFERENCE_LANG]:
+            for split in XCOPA_FIRST_COPA_ID:
+                path = _xcopa_local_path(folder, lang, split)
+                if not path.is_file():
+                    _raise_missing_language(path, lang, folder, _xcopa_local_langs(folder))
+                paths.append(path)
+        return paths
+    if task == "xnli":
+        langs = _check_langs(lang_codes, list(XNLI_LANGS), task=task)
+        if source == "hub":
+            return []
+        folder = _check_data_dir(data_dir, task=task)
+        paths = [folder / f"xnli.{split}.{lang}.tsv" for lang in langs for split in XNLI_SPLITS]
+        for path, lang in zip(paths, [lang for lang in langs for _ in XNLI_SPLITS], strict=True):
+            if not path.is_file():
+                _raise_missing_language(path, lang, folder, _xnli_local_langs(folder))
+        return paths
+    if task == "xquad":
+        langs = _check_langs(lang_codes, list(XQUAD_LANGS), task=task)
+        if source == "hub":
+            return []
+        folder = _check_data_dir(data_dir, task=task)
+        paths = [folder / f"xquad.{lang}.json" for lang in langs]
+        for path, lang in zip(paths, langs, strict=True):
+            if not path.is_file():
+                _raise_missing_language(path, lang, folder, _xquad_local_langs(folder))
+        return paths
+    return []
 
 
 # --------------------------------------------------------------------------- MGSM
@@ -125,7 +190,7 @@ def load_mgsm(
     langs = _check_request(lang_codes, source, test_fraction, sorted(MGSM_PROMPT_LABELS), task="mgsm")
     rows_by_lang: dict[str, list[dict]] = {}
     if source == "hub":
-        _require_online(hub_id)
+        require_hub_online(hub_id)
         for lang in langs:
             rows_by_lang[lang] = _load_mgsm_hub(lang, hub_id)
     else:
@@ -254,7 +319,7 @@ def load_xcopa(
     """
     langs = _check_request(lang_codes, source, test_fraction, sorted(XCOPA_CONNECTIVES), task="xcopa")
     if source == "hub":
-        _require_online(hub_id)
+        require_hub_online(hub_id)
     folder = _check_data_dir(data_dir, task="xcopa")
     key_path = folder / XCOPA_KEY_FILE
     if not key_path.is_file():
@@ -427,6 +492,292 @@ def _load_xcopa_hub(lang: str, hub_id: str, key: Mapping) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- XNLI
+
+# The three XNLI labels in the order of the hub data set's label ids. A row's answer is the index
+# of its label, and its choices are the label words in the same order.
+XNLI_LABELS = ("entailment", "neutral", "contradiction")
+# The prompt and label words are those of the ANLI task of EleutherAI lm-evaluation-harness:
+# "{premise}\nQuestion: {hypothesis} True, False, or Neither?\nAnswer:", scored by the
+# log-likelihood of " True" (entailment), " Neither" (neutral) and " False" (contradiction).
+# NOTE: every language uses these English words, because no checked translation of them into
+# sw, ur and my is available. The label tokens are then identical in every language, so the
+# English and target-language versions of an item differ only in the premise and hypothesis.
+XNLI_CHOICES = (" True", " Neither", " False")
+# The 15 XNLI languages and Burmese from myXNLI.
+XNLI_LANGS = ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "my", "ru", "sw", "th", "tr", "ur", "vi", "zh")
+# Local file infix (xnli.<split>.<lang>.tsv) and the hub split of the same rows.
+XNLI_SPLITS = {"dev": "validation", "test": "test"}
+XNLI_HEADER = ["idx", "genre", "label", "sentence1", "sentence2"]
+
+
+def load_xnli(
+    lang_codes: Sequence[str],
+    *,
+    source: str = "local",
+    data_dir: str | Path | None = None,
+    hub_id: str = "facebook/xnli",
+    test_fraction: float = 0.4,
+    split_seed: int = 0,
+) -> list[dict]:
+    """Load the 7500 XNLI pairs (dev and test pooled) in each language as three-way choice rows.
+
+    Locally, ``data_dir`` contains ``xnli.{dev,test}.<lang>.tsv`` with the header
+    ``idx genre label sentence1 sentence2`` (premise, hypothesis). Item ``xnli-<split>-<idx>``
+    is row idx of that split. The three hypotheses of a premise are split together (groups are
+    the English premises), and every language must have the English label of each item.
+    """
+    langs = _check_request(lang_codes, source, test_fraction, list(XNLI_LANGS), task="xnli")
+    rows_by_lang: dict[str, list[dict]] = {}
+    premises_by_lang: dict[str, dict[str, str]] = {}
+    if source == "hub":
+        require_hub_online(hub_id)
+        for lang in langs:
+            rows_by_lang[lang], premises_by_lang[lang] = _load_xnli_hub(lang, hub_id)
+    else:
+        folder = _check_data_dir(data_dir, task="xnli")
+        for lang in langs:
+            rows, premises = [], {}
+            for split in XNLI_SPLITS:
+                path = folder / f"xnli.{split}.{lang}.tsv"
+                if not path.is_file():
+                    _raise_missing_language(path, lang, folder, _xnli_local_langs(folder))
+                for idx, label, premise, hypothesis in _read_xnli_tsv(path):
+                    row = _xnli_row(lang, f"xnli-{split}-{idx}", premise, hypothesis, label, str(path))
+                    rows.append(row)
+                    premises[row["item_id"]] = premise
+            rows_by_lang[lang] = rows
+            premises_by_lang[lang] = premises
+
+    groups = _premise_groups(premises_by_lang)
+    rows = _assign_split_and_check(rows_by_lang, test_fraction, split_seed, name="xnli", groups=groups)
+    _check_answers_match_reference(rows, name="xnli")
+    return rows
+
+
+def _read_xnli_tsv(path: Path) -> list[tuple[int, int, str, str]]:
+    """Read (idx, label index, premise, hypothesis) rows, raising a ValueError that names the line of a bad row."""
+    records = []
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
+        header = next(reader, None)
+        if header != XNLI_HEADER:
+            raise ValueError(f"{path}, line 1: expected the header {XNLI_HEADER}, got {header}.")
+        for fields in reader:
+            where = f"{path}, line {reader.line_num}"
+            if len(fields) != len(XNLI_HEADER):
+                raise ValueError(
+                    f"{where}: expected {len(XNLI_HEADER)} tab-separated fields, got {len(fields)}. "
+                    "The file may be truncated."
+                )
+            idx, _genre, label, premise, hypothesis = fields
+            # idx is the 0-based row number, the same item in every language, so a gap means a lost row.
+            if idx != str(len(records)):
+                raise ValueError(f"{where}: idx {idx!r} should be {len(records)}, the row number. A row is missing or out of order.")
+            if label not in XNLI_LABELS:
+                raise ValueError(f"{where}: label {label!r} is not one of {XNLI_LABELS}.")
+            if not premise.strip() or not hypothesis.strip():
+                raise ValueError(f"{where}: the premise or the hypothesis is empty.")
+            records.append((int(idx), XNLI_LABELS.index(label), premise.strip(), hypothesis.strip()))
+    if not records:
+        raise ValueError(f"{path}, line 2: the file has no rows, but one XNLI pair per line was expected.")
+    return records
+
+
+def _xnli_row(lang: str, item_id: str, premise: str, hypothesis: str, label: int, source: str) -> dict:
+    return {
+        "item_id": item_id,
+        "lang": lang,
+        "task": "xnli",
+        "task_type": "multiple_choice",
+        "prompt": f"{premise}\nQuestion: {hypothesis} True, False, or Neither?\nAnswer:",
+        "choices": list(XNLI_CHOICES),
+        "answer": str(label),
+        "source": source,
+    }
+
+
+def _xnli_local_langs(folder: Path) -> list[str]:
+    return sorted(
+        lang for lang in {path.name.split(".")[2] for path in folder.glob("xnli.*.*.tsv")}
+        if all((folder / f"xnli.{split}.{lang}.tsv").is_file() for split in XNLI_SPLITS)
+    )
+
+
+def _load_xnli_hub(lang: str, hub_id: str) -> tuple[list[dict], dict[str, str]]:
+    import datasets
+
+    # NOTE: never run against the hub. It assumes the facebook/xnli layout of one config per
+    # language with "validation" and "test" splits, the columns premise, hypothesis and label
+    # (0 entailment, 1 neutral, 2 contradiction), and rows in the order of the XNLI 1.0 files.
+    rows, premises = [], {}
+    for split, hub_split in XNLI_SPLITS.items():
+        dataset = datasets.load_dataset(hub_id, lang, split=hub_split)
+        source = f"hf://datasets/{hub_id} ({lang}, {hub_split})"
+        for position, record in enumerate(dataset):
+            premise, hypothesis = str(record["premise"]).strip(), str(record["hypothesis"]).strip()
+            label = int(record["label"])
+            if label not in range(len(XNLI_LABELS)):
+                raise ValueError(f"{source}, row {position}: label {label} is not 0, 1 or 2.")
+            row = _xnli_row(lang, f"xnli-{split}-{position}", premise, hypothesis, label, source)
+            rows.append(row)
+            premises[row["item_id"]] = premise
+    log.info("loaded %d XNLI pairs for %s from %s", len(rows), lang, hub_id)
+    return rows, premises
+
+
+def _premise_groups(premises_by_lang: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """Group item ids by their English premise: {item id: id of the first item with that premise}.
+
+    Raises ParallelDataError when two items share an English premise but not their premise in
+    another language, because then the files do not hold the same pairs.
+    """
+    first_with_premise: dict[str, str] = {}
+    groups = {}
+    for item_id, premise in premises_by_lang[REFERENCE_LANG].items():
+        groups[item_id] = first_with_premise.setdefault(premise, item_id)
+    for lang, premises in premises_by_lang.items():
+        for item_id, premise in premises.items():
+            group = groups.get(item_id)
+            if group is not None and premises.get(group) != premise:
+                raise ParallelDataError(
+                    f"xnli: items {group!r} and {item_id!r} share their English premise but not their "
+                    f"{lang!r} premise, so the {lang!r} rows are not aligned with English. Check that "
+                    "language's files for a missing, extra or reordered line."
+                )
+    return groups
+
+
+# --------------------------------------------------------------------------- XQuAD
+
+XQUAD_LANGS = ("ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh")
+
+
+def load_xquad(
+    lang_codes: Sequence[str],
+    *,
+    source: str = "local",
+    data_dir: str | Path | None = None,
+    hub_id: str = "google/xquad",
+    test_fraction: float = 0.4,
+    split_seed: int = 0,
+) -> list[dict]:
+    """Load the 1190 XQuAD questions in each language as generative rows whose answer is a text span.
+
+    Locally, ``data_dir`` contains the SQuAD v1.1 files ``xquad.<lang>.json``. Item
+    ``xquad-<id>`` is the question with SQuAD id ``id``, and its answer is the first gold span.
+    The questions on one paragraph are split together, so ``test_fraction`` is a share of the
+    240 paragraphs. The prompt is "Context: {context}\\nQuestion: {question}\\nAnswer:" in
+    English words for every language (see ``XNLI_CHOICES`` for why).
+    """
+    langs = _check_request(lang_codes, source, test_fraction, list(XQUAD_LANGS), task="xquad")
+    rows_by_lang: dict[str, list[dict]] = {}
+    groups_by_lang: dict[str, dict[str, str]] = {}
+    if source == "hub":
+        require_hub_online(hub_id)
+        for lang in langs:
+            rows_by_lang[lang], groups_by_lang[lang] = _load_xquad_hub(lang, hub_id)
+    else:
+        folder = _check_data_dir(data_dir, task="xquad")
+        for lang in langs:
+            path = folder / f"xquad.{lang}.json"
+            if not path.is_file():
+                _raise_missing_language(path, lang, folder, _xquad_local_langs(folder))
+            rows, groups = [], {}
+            for question_id, group, context, question, answer in _read_squad_json(path):
+                row = _xquad_row(lang, question_id, context, question, answer, str(path))
+                rows.append(row)
+                groups[row["item_id"]] = group
+            rows_by_lang[lang] = rows
+            groups_by_lang[lang] = groups
+
+    _check_groups_match_reference(groups_by_lang, name="xquad")
+    return _assign_split_and_check(
+        rows_by_lang, test_fraction, split_seed, name="xquad", groups=groups_by_lang[REFERENCE_LANG]
+    )
+
+
+def _read_squad_json(path: Path) -> list[tuple[str, str, str, str, str]]:
+    """Read (question id, paragraph group, context, question, first answer) from a SQuAD v1.1 file."""
+    try:
+        squad = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON ({error}). The file may be truncated.") from error
+    if not isinstance(squad, dict) or not isinstance(squad.get("data"), list):
+        raise ValueError(f"{path}: expected a SQuAD object with a 'data' list of articles.")
+    records = []
+    for article_index, article in enumerate(squad["data"]):
+        for paragraph_index, paragraph in enumerate(article.get("paragraphs", [])):
+            where = f"{path}, article {article_index}, paragraph {paragraph_index}"
+            context = str(paragraph.get("context", "")).strip()
+            if not context:
+                raise ValueError(f"{where}: the context is empty.")
+            for qa in paragraph.get("qas", []):
+                answers = [str(a.get("text", "")).strip() for a in qa.get("answers", [])]
+                if not qa.get("id") or not str(qa.get("question", "")).strip() or not answers or not answers[0]:
+                    raise ValueError(
+                        f"{where}: question {qa.get('id')!r} needs an id, a question and a non-empty first answer."
+                    )
+                group = f"xquad-a{article_index}-p{paragraph_index}"
+                records.append((str(qa["id"]), group, context, str(qa["question"]).strip(), answers[0]))
+    if not records:
+        raise ValueError(f"{path}: the file contains no questions.")
+    return records
+
+
+def _xquad_row(lang: str, question_id: str, context: str, question: str, answer: str, source: str) -> dict:
+    return {
+        "item_id": f"xquad-{question_id}",
+        "lang": lang,
+        "task": "xquad",
+        "task_type": "generative",
+        "prompt": f"Context: {context}\nQuestion: {question}\nAnswer:",
+        "choices": [],
+        "answer": answer,
+        "source": source,
+    }
+
+
+def _xquad_local_langs(folder: Path) -> list[str]:
+    return sorted(path.name.split(".")[1] for path in folder.glob("xquad.*.json"))
+
+
+def _load_xquad_hub(lang: str, hub_id: str) -> tuple[list[dict], dict[str, str]]:
+    import datasets
+
+    # NOTE: never run against the hub. It assumes the google/xquad layout of one config
+    # "xquad.<lang>" with a "validation" split and the SQuAD columns id, context, question and
+    # answers (a dict of lists text and answer_start), in the order of the JSON files.
+    dataset = datasets.load_dataset(hub_id, f"xquad.{lang}", split="validation")
+    source = f"hf://datasets/{hub_id} (xquad.{lang}, validation)"
+    rows, groups = [], {}
+    context_numbers: dict[str, int] = {}
+    for position, record in enumerate(dataset):
+        answers = [str(text).strip() for text in record["answers"]["text"]]
+        if not answers or not answers[0]:
+            raise ValueError(f"{source}, row {position}: question {record['id']!r} has no answer.")
+        context = str(record["context"]).strip()
+        # The hub rows carry no paragraph index, so questions are grouped by their context text.
+        number = context_numbers.setdefault(context, len(context_numbers))
+        row = _xquad_row(lang, str(record["id"]), context, str(record["question"]).strip(), answers[0], source)
+        rows.append(row)
+        groups[row["item_id"]] = f"xquad-c{number}"
+    log.info("loaded %d XQuAD questions for %s from %s", len(rows), lang, source)
+    return rows, groups
+
+
+def _check_groups_match_reference(groups_by_lang: Mapping[str, Mapping[str, str]], *, name: str) -> None:
+    """Raise unless every item is in the same paragraph group in every language as in English."""
+    reference = groups_by_lang[REFERENCE_LANG]
+    for lang, groups in groups_by_lang.items():
+        for item_id, group in groups.items():
+            if item_id in reference and reference[item_id] != group:
+                raise ParallelDataError(
+                    f"{name}: item {item_id!r} is in {group!r} in {lang!r} but in {reference[item_id]!r} in "
+                    f"{REFERENCE_LANG!r}, so the paragraphs of the two files are not aligned."
+                )
+
+
 # --------------------------------------------------------------------------- shared checks
 
 
@@ -434,12 +785,16 @@ def _check_request(
     lang_codes: Sequence[str], source: str, test_fraction: float, known_langs: list[str], *, task: str
 ) -> list[str]:
     """Validate the loader arguments that need no data and return the language codes as a list."""
-    if isinstance(lang_codes, str):
-        raise TypeError(f"{task}: lang_codes must be a sequence of language codes, not the string {lang_codes!r}.")
-    langs = list(lang_codes)
     if source not in SOURCES:
         raise ValueError(f"{task}: unknown source {source!r}. Expected one of {SOURCES}.")
     _check_test_fraction(test_fraction)
+    return _check_langs(lang_codes, known_langs, task=task)
+
+
+def _check_langs(lang_codes: Sequence[str], known_langs: list[str], *, task: str) -> list[str]:
+    if isinstance(lang_codes, str):
+        raise TypeError(f"{task}: lang_codes must be a sequence of language codes, not the string {lang_codes!r}.")
+    langs = list(lang_codes)
     if REFERENCE_LANG not in langs:
         raise ValueError(
             f"{task}: lang_codes {langs} must include {REFERENCE_LANG!r}, the reference language."
@@ -474,8 +829,11 @@ def _raise_missing_language(path: Path, lang: str, folder: Path, available: list
     )
 
 
-def _require_online(hub_id: str) -> None:
-    """Raise RuntimeError before any hub call when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set."""
+def require_hub_online(hub_id: str) -> None:
+    """Raise RuntimeError before any hub call when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set.
+
+    The datasets client would otherwise look for a cached copy or retry the network.
+    """
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(variable, "").strip().lower() in _TRUE_ENV_VALUES:
             raise RuntimeError(
@@ -486,15 +844,30 @@ def _require_online(hub_id: str) -> None:
 
 
 def _assign_split_and_check(
-    rows_by_lang: Mapping[str, list[dict]], test_fraction: float, seed: int, *, name: str
+    rows_by_lang: Mapping[str, list[dict]],
+    test_fraction: float,
+    seed: int,
+    *,
+    name: str,
+    groups: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """Set each row's split from its item id, then validate the rows and their parallelism.
 
     The split is drawn over the ids of all languages together. When the data are parallel that
     set equals the English ids, and otherwise ``check_parallel`` raises and names the odd ids.
+    With ``groups`` ({English item id: group id}), the seeded split is drawn over the group ids
+    and every item takes the split of its group, so ``test_fraction`` is a share of groups.
     """
     rows = [row for lang_rows in rows_by_lang.values() for row in lang_rows]
-    split_by_id = split_item_ids([row["item_id"] for row in rows], test_fraction, seed)
+    item_ids = [row["item_id"] for row in rows]
+    if groups is None:
+        split_by_id = split_item_ids(item_ids, test_fraction, seed)
+    else:
+        # An id without an English counterpart forms its own group here, and check_parallel
+        # below rejects it with the list of odd ids.
+        group_of = {item_id: groups.get(item_id, item_id) for item_id in item_ids}
+        split_by_group = split_item_ids(list(group_of.values()), test_fraction, seed)
+        split_by_id = {item_id: split_by_group[group] for item_id, group in group_of.items()}
     for row in rows:
         row["split"] = split_by_id[row["item_id"]]
     validate_rows(rows, name=name)
@@ -502,7 +875,8 @@ def _assign_split_and_check(
     n_items = len(rows_by_lang[REFERENCE_LANG])
     n_test = sum(1 for split in split_by_id.values() if split == "test")
     log.info(
-        "%s: %d items in %d languages (%s), %d train and %d test per language",
+        "%s: %d items in %d languages (%s), %d train and %d test per language%s",
         name, n_items, len(rows_by_lang), ", ".join(rows_by_lang), n_items - n_test, n_test,
+        "" if groups is None else f", split by {len(set(groups.values()))} groups",
     )
     return rows

@@ -20,11 +20,13 @@ Columns:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
@@ -107,21 +109,39 @@ def check_parallel(rows: Iterable[Mapping], *, name: str) -> None:
             )
 
 
-def write_parallel(rows: list[Mapping], path: str | Path, *, name: str) -> None:
-    """Validate rows and write them as Parquet (zstd) with the parallel schema, atomically."""
-    from ramoe.io import atomic_path
+def write_parallel(rows: list[Mapping], path: str | Path, *, name: str, provenance: Mapping | None = None) -> None:
+    """Validate rows and write them as Parquet (zstd) with the parallel schema, atomically.
+
+    The schema metadata key ``ramoe`` records the package versions and ``provenance`` (its
+    ``seed`` is the seed that generated or split the items).
+    """
+    from ramoe.io import atomic_path, run_metadata
 
     validate_rows(rows, name=name)
     check_parallel(rows, name=name)
     table = pa.Table.from_pylist([dict(r) for r in rows], schema=PARALLEL_SCHEMA)
+    record = run_metadata(**(dict(provenance) if provenance else {}))
+    table = table.replace_schema_metadata({b"ramoe": json.dumps(record, default=str).encode("utf-8")})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     log.info("wrote %d rows (%d languages) to %s", table.num_rows, len(set(table["lang"].to_pylist())), path)
 
 
 def read_parallel(path: str | Path) -> pa.Table:
-    """Read a parallel Parquet file and check that it has the schema's columns and types."""
-    table = pq.read_table(path)
+    """Read a parallel Parquet file and check its columns, types, row count and label values.
+
+    Raises ParallelDataError for a file that is not readable Parquet (for example one cut off by a
+    full disk), has no rows, or contains a task_type or split outside the schema.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"parallel data file {str(path)!r} not found. Rerun the rule that writes it.")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ParallelDataError(
+            f"{path} is not a readable Parquet file ({error}). It may be truncated: delete it and rerun the "
+            "rule that writes it."
+        ) from error
     for field in PARALLEL_SCHEMA:
         if field.name not in table.column_names:
             raise ParallelDataError(f"{path}: column {field.name!r} is missing; expected {PARALLEL_SCHEMA.names}.")
@@ -129,4 +149,21 @@ def read_parallel(path: str | Path) -> pa.Table:
             raise ParallelDataError(
                 f"{path}: column {field.name!r} has type {table.schema.field(field.name).type}, expected {field.type}."
             )
+    if table.num_rows == 0:
+        raise ParallelDataError(f"{path} has no rows. Delete it and rerun the rule that writes it.")
+    _check_labels(table, "task_type", TASK_TYPES, path)
+    _check_labels(table, "split", SPLITS, path)
     return table.select(PARALLEL_SCHEMA.names)
+
+
+def _check_labels(table: pa.Table, column: str, allowed: tuple[str, ...], path: str | Path) -> None:
+    """Raise unless every value of a string column is one of ``allowed``, naming the first bad row."""
+    # A null is invalid too: fill_null keeps pc.all from skipping it.
+    valid = pc.fill_null(pc.is_in(table[column], value_set=pa.array(allowed)), False)
+    if pc.all(valid).as_py():
+        return
+    row = pc.index(valid, False).as_py()
+    raise ParallelDataError(
+        f"{path}, row {row} (item {table['item_id'][row].as_py()!r}, {table['lang'][row].as_py()!r}): unknown "
+        f"{column} {table[column][row].as_py()!r}; expected one of {allowed}."
+    )

@@ -1,15 +1,84 @@
-"""Batched inference: greedy generation and multiple-choice log-likelihood scoring."""
+"""Batched inference: greedy generation and multiple-choice log-likelihood scoring.
+
+Both run through ``run_in_batches``, which halves the batch size and retries a batch that ran
+out of device memory, so one ``evaluation.batch_size`` can serve models of very different sizes.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def halve_batch_size(batch_size: int, error: torch.OutOfMemoryError, where: str) -> int:
+    """Return the batch size to retry with after ``error``, or re-raise it when the batch was already 1.
+
+    ``where`` names the work and the position of the batch for the log.
+    """
+    if batch_size <= 1:
+        error.add_note(
+            "A batch of 1 does not fit in device memory. Load the model across devices (model.device_map: auto) "
+            "or in a smaller dtype (model.dtype: bfloat16)."
+        )
+        raise error
+    smaller = batch_size // 2
+    log.warning("out of memory on a batch of %d (%s); retrying with batch size %d", batch_size, where, smaller)
+    return smaller
+
+
+def release_cached_memory() -> None:
+    """Return the blocks that the failed batch left in PyTorch's CUDA cache to the device."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_in_batches(
+    process_batch: Callable[[list[Item]], list[Result]],
+    items: Sequence[Item],
+    *,
+    batch_size: int,
+    desc: str,
+) -> list[Result]:
+    """Apply ``process_batch`` to consecutive batches of ``items`` and concatenate its results in order.
+
+    A batch that raises ``torch.OutOfMemoryError`` is retried at half the size, down to 1, and
+    the smaller size is kept for the remaining batches. ``process_batch`` must return one result
+    per item and must not keep state from a failed call.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    results: list[Result] = []
+    start = 0
+    size = batch_size
+    with tqdm(total=len(items), desc=desc, unit="item", mininterval=5.0) as progress:
+        while start < len(items):
+            batch = list(items[start : start + size])
+            try:
+                batch_results = process_batch(batch)
+            except torch.OutOfMemoryError as error:
+                size = halve_batch_size(size, error, f"{desc}, items {start}-{start + len(batch) - 1}")
+                batch_results = None
+            if batch_results is None:
+                # Outside the except block the failed call's tensors are no longer referenced.
+                release_cached_memory()
+                continue
+            results.extend(batch_results)
+            start += len(batch)
+            progress.update(len(batch))
+    if size < batch_size:
+        log.warning("%s ran with batch size %d instead of %d after running out of memory; set that batch size "
+                    "in the config to skip the failed attempts", desc, size, batch_size)
+    return results
 
 
 @torch.inference_mode()
@@ -28,9 +97,8 @@ def generate_greedy(
     extends all rows. The new tokens are decoded without special tokens.
     """
     tokenizer.padding_side = "left"
-    outputs: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", mininterval=5.0):
-        batch = list(prompts[start : start + batch_size])
+
+    def generate_batch(batch: list[str]) -> list[str]:
         encoded = tokenizer(batch, return_tensors="pt", padding=True).to(model.device)
         generated = model.generate(
             **encoded,
@@ -41,8 +109,9 @@ def generate_greedy(
             eos_token_id=tokenizer.eos_token_id,
         )
         new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-        outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return outputs
+        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    return run_in_batches(generate_batch, prompts, batch_size=batch_size, desc=desc)
 
 
 @torch.inference_mode()
@@ -65,10 +134,10 @@ def score_choices(
     if normalization not in ("sum", "mean"):
         raise ValueError(f"normalization {normalization!r} is not 'sum' or 'mean'.")
     pairs = [(p, c) for p, options in zip(prompts, choices, strict=True) for c in options]
-    scores: list[float] = []
     pad_id = tokenizer.pad_token_id
-    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", mininterval=5.0):
-        chunk = pairs[start : start + batch_size]
+
+    def score_batch(chunk: list[tuple[str, str]]) -> list[float]:
+        scores: list[float] = []
         contexts = tokenizer([p for p, _ in chunk], add_special_tokens=True)["input_ids"]
         continuations = tokenizer([c for _, c in chunk], add_special_tokens=False)["input_ids"]
         sequences = [ctx + cont for ctx, cont in zip(contexts, continuations, strict=True)]
@@ -89,6 +158,9 @@ def score_choices(
             token_scores = log_probs[row, positions, targets]
             total = float(token_scores.sum())
             scores.append(total / len(cont) if normalization == "mean" else total)
+        return scores
+
+    scores = run_in_batches(score_batch, pairs, batch_size=batch_size, desc=desc)
     out: list[list[float]] = []
     index = 0
     for options in choices:

@@ -82,6 +82,7 @@ def evaluate_finetuned(
     model_name: str,
     settings: Mapping,
     dtype: str = "float32",
+    device_map: str | None = None,
     threads: int = 1,
     device: str = "auto",
 ) -> pl.DataFrame:
@@ -96,7 +97,7 @@ def evaluate_finetuned(
     frames = []
     device = resolve_device(device)
     for train_lang, folder in checkpoints.items():
-        model, tokenizer = load_model({"kind": "local", "path": str(folder), "dtype": dtype},
+        model, tokenizer = load_model({"kind": "local", "path": str(folder), "dtype": dtype, "device_map": device_map},
                                       device=device)
         for lang in (train_lang, "en"):
             frame = evaluate_examples(model, tokenizer, rows[lang], settings, model_name=model_name, method=method,

@@ -25,7 +25,10 @@ def load_model(source: Mapping, *, device: str = "cpu") -> tuple[PreTrainedModel
     """Load the model described by ``source`` in eval mode.
 
     ``source`` has ``kind`` (``local`` or ``hub``), ``path`` (a folder or a hub id), ``revision``
-    and ``dtype``. A hub id fails at once when the hub is offline, instead of waiting on the network.
+    and ``dtype``, and optionally ``device_map`` (``model.device_map``). Without a device map the
+    model is moved to ``device``. With one (e.g. ``auto``), transformers and accelerate spread
+    the layers over every visible GPU, then CPU memory, and ``device`` is ignored. A hub id fails
+    at once when the hub is offline, instead of waiting on the network.
     """
     kind, path, dtype_name = source["kind"], source["path"], source.get("dtype", "float32")
     if dtype_name not in DTYPES:
@@ -50,8 +53,16 @@ def load_model(source: Mapping, *, device: str = "cpu") -> tuple[PreTrainedModel
         raise ValueError(f"model source kind {kind!r} is not 'local' or 'hub'.")
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype_name], **kwargs)
-    model.to(device).eval()
+    device_map = source.get("device_map")
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype_name], **kwargs)
+        model.to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype_name], device_map=device_map, **kwargs)
+        # transformers 5.25 sets hf_device_map only when the layers end up on more than one device.
+        placement = sorted({str(place) for place in getattr(model, "hf_device_map", {"": model.device}).values()})
+        log.info("device_map %r placed the model on %s", device_map, placement)
+    model.eval()
     if tokenizer.pad_token is None:
         # Hub tokenizers often lack a pad token; batched left-padded generation needs one.
         tokenizer.pad_token = tokenizer.eos_token

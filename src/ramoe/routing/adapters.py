@@ -29,13 +29,16 @@ deepseek_v3     mlp.gate                  n_routed_experts    sigmoid  group-lim
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import __version__ as transformers_version
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +240,39 @@ def describe_moe(model: torch.nn.Module) -> MoELayout:
         scoring,
     )
     return layout
+
+
+def describe_checkpoint(folder: str | Path) -> MoELayout:
+    """Describe the MoE layout of a checkpoint folder from its config.json, without loading weights.
+
+    The model is built on the meta device, so no memory is allocated for its parameters and a
+    dense or unknown model is rejected in seconds. Raises UnsupportedMoEModelError when
+    transformers has no causal-LM class for the config's model_type, and describe_moe's errors otherwise.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_path = Path(folder) / "config.json"
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError) as error:
+        raise UnsupportedMoEModelError(f"{config_path} is not a readable JSON object ({error}).") from error
+    supported = ", ".join(sorted(FAMILIES))
+    if model_type not in CONFIG_MAPPING:
+        raise UnsupportedMoEModelError(
+            f"{config_path} has model_type {model_type!r}, which transformers {transformers_version} does not "
+            f"know. Supported MoE model types: {supported}."
+        )
+    config = AutoConfig.from_pretrained(folder)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as error:
+        raise UnsupportedMoEModelError(
+            f"{config_path}: model_type {model_type!r} has no causal-LM class in transformers "
+            f"{transformers_version} ({error}). Supported MoE model types: {supported}."
+        ) from error
+    return describe_moe(model)
 
 
 def _find_routers_by_path(model: torch.nn.Module, router_path: str) -> dict[int, str]:

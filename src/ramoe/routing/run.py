@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import functools
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import polars as pl
@@ -14,6 +16,7 @@ from ramoe.data.schema import read_parallel
 from ramoe.io import run_metadata, write_json_atomic
 from ramoe.device import resolve_device
 from ramoe.models.loading import load_model, model_revision
+from ramoe.prompts import chat_options, format_prompts
 from ramoe.routing.divergence import divergence_table
 from ramoe.routing.experts import expert_mask, language_experts, task_experts
 from ramoe.routing.figures import plot_divergence_by_layer, plot_task_experts
@@ -24,10 +27,13 @@ from ramoe.tables import write_table
 log = logging.getLogger(__name__)
 
 
-def _trace(model_source: Mapping, texts, settings: Mapping, token_path, sequence_path, seed: int, threads: int,
-           device: str) -> dict:
+def _trace(model_source: Mapping, build_texts: Callable, settings: Mapping, token_path, sequence_path, seed: int,
+           threads: int, device: str) -> dict:
+    """Load the model and trace the (item_id, lang, text) triples that ``build_texts(tokenizer=...)`` returns."""
     torch.set_num_threads(threads)
     model, tokenizer = load_model(model_source, device=resolve_device(device))
+    # The texts are built after loading, because a chat template comes with the tokenizer.
+    texts = build_texts(tokenizer=tokenizer)
     provenance = {"model_revision": model_revision(model_source), "dtype": model_source.get("dtype"), "seed": seed}
     summary = capture_traces(
         model,
@@ -62,21 +68,24 @@ def trace_task_language(
     rows.sort(key=lambda r: r["item_id"])
     if settings.get("max_items"):
         rows = rows[: settings["max_items"]]
-    texts = trace_texts(rows, settings["text"])
+    build_texts = functools.partial(trace_texts, rows, settings["text"], **chat_options(model_source))
     if not settings["token_traces"]:
         Path(token_path).parent.mkdir(parents=True, exist_ok=True)
         Path(token_path).touch()  # an empty placeholder keeps the rule's outputs fixed
-    return _trace(model_source, texts, settings, token_path, sequence_path, seed, threads, device)
+    return _trace(model_source, build_texts, settings, token_path, sequence_path, seed, threads, device)
 
 
 def read_general_text(path: str | Path, max_passages: int | None = None) -> list[str]:
-    """Passages of general text: lines of a .txt file, ``text`` fields of .jsonl, or SQuAD contexts of .json."""
+    """Passages of general text: lines of a .txt file, ``text`` fields of .jsonl, SQuAD contexts of .json,
+    or the ``text`` (else ``sentence1``, XNLI's premise) column of a .tsv file with a header row."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"general text file {str(path)!r} not found; set routing.general_text.path.")
     if path.suffix == ".json":
         squad = json.loads(path.read_text(encoding="utf-8"))
         passages = [p["context"] for article in squad["data"] for p in article["paragraphs"]]
+    elif path.suffix == ".tsv":
+        passages = _read_tsv_passages(path)
     elif path.suffix == ".jsonl":
         passages = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
@@ -85,6 +94,18 @@ def read_general_text(path: str | Path, max_passages: int | None = None) -> list
     if not passages:
         raise ValueError(f"general text file {path} contains no passages.")
     return passages[:max_passages] if max_passages else passages
+
+
+def _read_tsv_passages(path: Path) -> list[str]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        column = next((name for name in ("text", "sentence1") if name in (reader.fieldnames or [])), None)
+        if column is None:
+            raise ValueError(
+                f"general text file {path} has the columns {reader.fieldnames}, but a .tsv file needs a header "
+                "row with a 'text' or 'sentence1' column."
+            )
+        return [row[column] or "" for row in reader]
 
 
 def trace_general_text(
@@ -99,8 +120,19 @@ def trace_general_text(
 ) -> dict:
     """Trace the routing of the general English text (per-sequence distributions only)."""
     passages = read_general_text(text_path, settings["general_text"].get("max_passages"))
-    texts = [(f"general-{i:05d}", "en", p) for i, p in enumerate(passages)]
-    return _trace(model_source, texts, dict(settings, token_traces=False), None, sequence_path, seed, threads, device)
+    build_texts = functools.partial(_general_texts, passages, **chat_options(model_source))
+    return _trace(model_source, build_texts, dict(settings, token_traces=False), None, sequence_path, seed, threads,
+                  device)
+
+
+def _general_texts(passages: Sequence[str], *, tokenizer, **chat) -> list[tuple[str, str, str]]:
+    """Number the general passages, wrapped in the chat template when task prompts are.
+
+    Task texts and general text then share the template's tokens, so the template adds no
+    routing difference to the task-expert contrast.
+    """
+    texts = format_prompts(tokenizer, passages, **chat)
+    return [(f"general-{i:05d}", "en", text) for i, text in enumerate(texts)]
 
 
 def _trace_paths_by_task(paths: Sequence[str | Path]) -> dict[str, dict[str, Path]]:
@@ -163,7 +195,8 @@ def write_alignment_zone(
     return zones
 
 
-def _write_mask(table: pl.DataFrame, zone: Mapping, path, *, model: str, task: str, top_k: int, tau: float) -> None:
+def _write_mask(table: pl.DataFrame, zone: Mapping, path, *, model: str, task: str, top_k: int, tau: float,
+                provenance: Mapping) -> None:
     """Write one task's expert mask with its alignment zone, and warn when no expert was selected."""
     mask = expert_mask(table) | {
         "model": model,
@@ -171,6 +204,7 @@ def _write_mask(table: pl.DataFrame, zone: Mapping, path, *, model: str, task: s
         "top_k": top_k,
         "zone": {"first_layer": zone["first_layer"], "last_layer": zone["last_layer"], "method": zone["method"]},
         "tau": tau,
+        "provenance": dict(provenance),
     }
     write_json_atomic(path, mask)
 
@@ -201,6 +235,7 @@ def write_task_experts(
     tau = settings["experts"]["tau"]
     general = read_sequence_trace(general_trace_path)
     zones = pl.read_csv(zone_path)
+    provenance = run_metadata(**{k: metadata[k] for k in ("model_revision", "seed") if k in metadata})
 
     task_tables, language_tables = [], []
     for task, by_lang in _trace_paths_by_task(task_trace_paths).items():
@@ -214,11 +249,12 @@ def write_task_experts(
                     language_experts(target, english, tau=tau, top_k=cap, model=model, task=task, lang=lang)
                 )
         zone = zones.filter(pl.col("task") == task).row(0, named=True)
-        _write_mask(table, zone, mask_paths[task], model=model, task=task, top_k=metadata["top_k"], tau=tau)
+        _write_mask(table, zone, mask_paths[task], model=model, task=task, top_k=metadata["top_k"], tau=tau,
+                    provenance=provenance)
 
     experts = pl.concat(task_tables, how="vertical")
-    write_table(experts, table_path, run_metadata(**{k: metadata[k] for k in ("model_revision", "seed") if k in metadata}))
-    write_table(pl.concat(language_tables, how="vertical"), language_table_path, run_metadata())
+    write_table(experts, table_path, provenance)
+    write_table(pl.concat(language_tables, how="vertical"), language_table_path, provenance)
     return experts
 
 

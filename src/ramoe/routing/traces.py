@@ -35,7 +35,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from ramoe.evaluation.inference import halve_batch_size, release_cached_memory
 from ramoe.io import atomic_path, run_metadata
+from ramoe.prompts import format_prompts
 from ramoe.routing.adapters import MoELayout, describe_moe
 from ramoe.routing.capture import RouterCapture, per_sequence
 
@@ -106,19 +108,34 @@ _COMPUTED_METADATA_FIELDS = frozenset(
 )
 
 
-def trace_texts(rows: Sequence[Mapping], text: str = "prompt") -> list[tuple[str, str, str]]:
+def trace_texts(
+    rows: Sequence[Mapping],
+    text: str = "prompt",
+    *,
+    tokenizer: Any = None,
+    chat_template: bool = False,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> list[tuple[str, str, str]]:
     """Build the (item_id, lang, text) triples of parallel-schema rows, in row order.
 
     ``text="prompt"`` traces the prompt alone. ``text="solved"`` appends the gold answer: the
-    correct choice for ``multiple_choice`` rows, and ``" " + answer`` for ``generative`` rows.
-    A choice that starts with whitespace is appended as it is (XCOPA choices do). Otherwise a
-    single space separates it from the prompt, unless the prompt already ends with whitespace.
+    correct choice for ``multiple_choice`` rows (an XNLI label word, an XCOPA sentence), and the
+    answer for ``generative`` rows (an MGSM number, an XQuAD span). A choice that starts with
+    whitespace is appended as it is (XCOPA and XNLI choices do). Otherwise a single space
+    separates the answer from the prompt, unless the prompt already ends with whitespace.
+
+    With ``chat_template`` the prompt is first wrapped in the ``tokenizer``'s chat template
+    (``ramoe.prompts.format_prompts``), exactly as evaluation wraps it.
     """
     if text not in TEXT_MODES:
         raise ValueError(f"text mode {text!r} is not one of {TEXT_MODES}.")
+    if chat_template and tokenizer is None:
+        raise ValueError("chat_template is true but no tokenizer was given to render the template.")
+    prompts = format_prompts(
+        tokenizer, [row["prompt"] for row in rows], chat_template=chat_template, chat_template_kwargs=chat_template_kwargs
+    )
     triples = []
-    for row in rows:
-        prompt = row["prompt"]
+    for row, prompt in zip(rows, prompts, strict=True):
         if text == "solved":
             prompt = prompt + _answer_suffix(row, prompt)
         triples.append((row["item_id"], row["lang"], prompt))
@@ -128,7 +145,9 @@ def trace_texts(rows: Sequence[Mapping], text: str = "prompt") -> list[tuple[str
 def _answer_suffix(row: Mapping, prompt: str) -> str:
     task_type = row["task_type"]
     if task_type == "generative":
-        return " " + row["answer"]
+        # A chat template ends with the header of the reply, often a newline, where the answer
+        # starts without a space.
+        return ("" if prompt[-1:].isspace() else " ") + row["answer"]
     if task_type != "multiple_choice":
         raise ValueError(
             f"item {row['item_id']!r} ({row['lang']!r}): task_type {task_type!r} is not 'generative' "
@@ -166,7 +185,9 @@ def capture_traces(
     ``max_length`` tokens on the tokenizer's ``truncation_side`` when it is set, and padded on
     its ``padding_side``. ``token_path=None`` skips the token trace. ``provenance`` (for example
     model revision, dtype and seed) must be JSON-serializable. It is stored in both files
-    together with the package versions and the model's MoE layout.
+    together with the package versions and the model's MoE layout. A forward pass that runs out
+    of device memory is retried at half the batch size (down to 1), which the metadata's
+    ``batch_size`` does not record.
 
     Returns a summary: ``sequences``, ``tokens`` (non-padding tokens after truncation),
     ``truncated`` (texts cut to ``max_length``), ``layers``, ``token_rows``, ``sequence_rows``,
@@ -231,16 +252,29 @@ def capture_traces(
             progress = outputs.enter_context(
                 tqdm(total=len(texts), desc="routing traces", unit="text", mininterval=5.0)
             )
-            for start in range(0, len(texts), batch_size):
-                batch = texts[start : start + batch_size]
+            start = 0
+            size = batch_size
+            while start < len(texts):
+                batch = texts[start : start + size]
                 input_ids, attention_mask, batch_truncated = _encode_batch(tokenizer, batch, max_length)
+                capture.clear()
+                # Only the forward pass is retried at half the batch size after running out of
+                # memory. It allocates the activations, and no row of the batch is written before it ends.
+                try:
+                    _forward(model, input_ids, attention_mask)
+                except torch.OutOfMemoryError as error:
+                    size = halve_batch_size(size, error, f"routing traces, texts {start}-{start + len(batch) - 1}")
+                    batch = None
+                if batch is None:
+                    capture.clear()
+                    release_cached_memory()
+                    continue
                 truncated += batch_truncated
                 tokens += int(attention_mask.sum())
-                capture.clear()
-                _forward(model, input_ids, attention_mask)
                 codes = [keys.add(item_id, lang) for item_id, lang, _ in batch]
                 _write_batch(capture, layout, codes, input_ids, attention_mask, sequence_writer, token_writer)
                 progress.update(len(batch))
+                start += len(batch)
         # Leaving the ExitStack closes both writers, then renames the files onto their paths.
 
     summary = {

@@ -183,7 +183,8 @@ def write_world(
     selected = dict(section, tasks=tasks, languages=[specs[code] for code in target_languages])
     world = World(WorldConfig.from_config(selected))
     for task in tasks:
-        write_parallel(world.task_rows(task), task_paths[task], name=f"synthetic task {task!r}")
+        write_parallel(world.task_rows(task), task_paths[task], name=f"synthetic task {task!r}",
+                       provenance={"seed": section["seed"], "source": "synthetic"})
     write_text_atomic(corpus_path, "\n".join(world.pretraining_lines()) + "\n")
     write_text_atomic(general_path, "\n".join(world.general_corpus()) + "\n")
     return world

@@ -14,6 +14,7 @@ One loop serves the three trained methods:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -28,16 +29,18 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ramoe.io import atomic_path, run_metadata
+from ramoe.prompts import format_prompts
 from ramoe.routing.adapters import MoELayout, describe_moe
 from ramoe.routing.capture import RouterCapture
 from ramoe.routing.traces import read_sequence_trace, trace_texts
 from ramoe.training.alignment import aligned_layers, alignment_loss, sequence_routing
 from ramoe.training.pretrain import get_lr, set_seed
+from ramoe.training.resume import TrainingState, fingerprint, restore_rng, result_settings, rng_state, tensor_summary
 
 log = logging.getLogger(__name__)
 
 METHODS = ("sft", "ramoe", "rise")
-TRAINABLE_SETS = ("all", "moe", "routers")
+TRAINABLE_SETS = ("all", "moe", "routers", "lora")
 IGNORE_INDEX = -100  # label of tokens outside the loss (prompt and padding)
 
 
@@ -59,6 +62,8 @@ def build_examples(
     ci_items: set[str],
     span_text: str = "prompt",
     max_span: int | None = None,
+    chat_template: bool = False,
+    chat_template_kwargs: Mapping | None = None,
 ) -> list[TrainExample]:
     """Tokenize parallel-schema rows for SFT.
 
@@ -66,9 +71,12 @@ def build_examples(
     space for generative tasks, the correct choice for multiple choice. ``span_text`` is
     ``routing.text``: the alignment span covers exactly the tokens the English teacher trace
     averaged (the prompt, or prompt and answer), cut at ``max_span`` (``routing.max_length``).
+    With ``chat_template`` the prompt is wrapped in the tokenizer's chat template, as in
+    evaluation and tracing.
     """
-    prompts = [row["prompt"] for row in rows]
-    solved = [text for _, _, text in trace_texts(rows, "solved")]
+    chat = {"chat_template": chat_template, "chat_template_kwargs": chat_template_kwargs}
+    prompts = format_prompts(tokenizer, [row["prompt"] for row in rows], **chat)
+    solved = [text for _, _, text in trace_texts(rows, "solved", tokenizer=tokenizer, **chat)]
     prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     completion_ids = tokenizer([s[len(p):] for s, p in zip(solved, prompts, strict=True)],
                                add_special_tokens=False)["input_ids"]
@@ -173,14 +181,22 @@ def load_teacher(trace_path: str | Path, item_ids: set[str], layers: Sequence[in
     return complete
 
 
-def set_trainable(model: PreTrainedModel, layout: MoELayout, which: str) -> list[torch.nn.Parameter]:
+def set_trainable(model: PreTrainedModel, layout: MoELayout, which: str,
+                  lora: Mapping | None = None) -> list[torch.nn.Parameter]:
     """Freeze every parameter outside the chosen set and return the trainable ones.
 
     ``all``: every parameter; ``moe``: routers and the MoE blocks' expert tensors; ``routers``:
-    routers only.
+    routers only. ``lora`` injects LoRA adapters in place, with the ``finetune.lora`` options
+    passed as ``lora``, and freezes every base weight (see ramoe.training.lora).
     """
     if which not in TRAINABLE_SETS:
         raise ValueError(f"finetune.trainable {which!r} is not one of {TRAINABLE_SETS}.")
+    if which == "lora":
+        if lora is None:
+            raise ValueError("finetune.trainable is 'lora' but no finetune.lora options were passed.")
+        from ramoe.training.lora import add_lora  # imports peft only when LoRA is used
+
+        return add_lora(model, layout, lora)
     router_names = set(layout.router_modules.values())
     moe_blocks = {name.rsplit(".", 1)[0] for name in router_names}  # e.g. model.layers.3.mlp
     trainable = []
@@ -224,6 +240,8 @@ def training_step(
     With an aligner, the router hooks of ``capture`` record this forward's logits with their
     graph, so the alignment term backpropagates into the routers and everything below them.
     """
+    # NOTE: fine-tuning adds no load-balancing loss (output_router_logits stays off), for every
+    # method alike; pretraining used one with coefficient model.pretrain.architecture.router_aux_loss_coef.
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
     if aligner is not None:
         capture.clear()
@@ -259,6 +277,7 @@ def train(
     align_weight: float = 0.0,
     metrics_path: str | Path | None = None,
     desc: str = "finetune",
+    resume_dir: str | Path | None = None,
 ) -> list[dict]:
     """Fine-tune ``parameters`` for ``settings['epochs']`` epochs and return the logged metric records.
 
@@ -266,6 +285,12 @@ def train(
     ``align_weight`` times the aligner's mean over the batch's ci rows. Batches are drawn in a
     seeded random order each epoch. A non-finite loss stops training with the step and the
     batch's item ids.
+
+    With ``resume_dir``, the training state (trained parameters, optimizer, step, RNG states,
+    batch order, metrics) is saved there every ``settings['save_every']`` steps (absent or None:
+    never). A state found there from an interrupted run with the same settings, examples and
+    initial weights is resumed from, and the folder is removed when training ends. The frozen
+    parameters are not saved, so the caller must load the same base model again.
     """
     set_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -276,17 +301,44 @@ def train(
     optimizer = make_optimizer(parameters, settings, no_decay)
     capture = RouterCapture(model, keep_graph=True) if aligner is not None else None
 
+    names: list[str] = []
+    run_fingerprint = ""
+    if resume_dir is not None:
+        names = _parameter_names(model, parameters)
+        run_fingerprint = _run_fingerprint(model, examples, settings, seed=seed, pad_id=pad_id, names=names,
+                                           no_decay=_parameter_names(model, no_decay), aligner=aligner,
+                                           align_weight=align_weight)
+    checkpointer = TrainingState(resume_dir, settings.get("save_every"), run_fingerprint)
+
+    # resume: trained parameters, optimizer, RNG states and metrics replace the fresh ones
     records: list[dict] = []
-    window = {"lm_loss": 0.0, "align_loss": 0.0, "ci_rows": 0, "steps": 0, "tokens": 0}
+    window = _empty_window()
+    step = 0
+    state = checkpointer.load()
+    if state is not None:
+        with torch.no_grad():
+            for name, parameter in zip(names, parameters, strict=True):
+                parameter.copy_(state["parameters"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], generator)
+        records, window, step = state["records"], state["window"], state["step"]
+
     metrics_file = Path(metrics_path).open("w", encoding="utf-8") if metrics_path else None
+    if metrics_file is not None:
+        for record in records:
+            metrics_file.write(json.dumps(record) + "\n")
     t_window = time.perf_counter()
     model.train()
-    progress = tqdm(total=total_steps, desc=desc, unit="step", mininterval=5.0)
-    step = 0
+    progress = tqdm(total=total_steps, initial=step, desc=desc, unit="step", mininterval=5.0)
     try:
-        for _epoch in range(settings["epochs"]):
-            order = torch.randperm(len(examples), generator=generator).tolist()
-            for start in range(0, len(order), batch_size):
+        first_epoch = state["epoch"] if state is not None else 0
+        for epoch in range(first_epoch, settings["epochs"]):
+            # the batch order: drawn fresh, or the interrupted epoch's order from its next batch on
+            if state is not None and epoch == first_epoch:
+                order, first_start = state["order"], state["next_start"]
+            else:
+                order, first_start = torch.randperm(len(examples), generator=generator).tolist(), 0
+            for start in range(first_start, len(order), batch_size):
                 batch_examples = [examples[i] for i in order[start : start + batch_size]]
                 batch = {name: t.to(device) for name, t in collate(batch_examples, pad_id).items()}
                 lr = get_lr(step, lr=settings["lr"], warmup_steps=warmup, total_steps=total_steps,
@@ -323,14 +375,84 @@ def train(
                     log.info("step %d/%d  lm_loss %.4f  align_loss %.4f  ci rows %d  lr %.2e  %.0f tok/s", step,
                              total_steps, record["lm_loss"], record["align_loss"], record["ci_rows"], lr,
                              record["tokens_per_s"])
-                    window = {"lm_loss": 0.0, "align_loss": 0.0, "ci_rows": 0, "steps": 0, "tokens": 0}
+                    window = _empty_window()
                     t_window = time.perf_counter()
+
+                # save the state to resume from
+                if checkpointer.due(step, total_steps):
+                    checkpointer.save({
+                        "step": step,
+                        "epoch": epoch,
+                        "order": order,
+                        "next_start": start + batch_size,
+                        "parameters": {name: p.detach() for name, p in zip(names, parameters, strict=True)},
+                        "optimizer": optimizer.state_dict(),
+                        "rng": rng_state(generator),
+                        "records": records,
+                        "window": window,
+                    })
     finally:
         progress.close()
         if metrics_file is not None:
             metrics_file.close()
+    checkpointer.discard()
     model.eval()
     return records
+
+
+def _empty_window() -> dict:
+    return {"lm_loss": 0.0, "align_loss": 0.0, "ci_rows": 0, "steps": 0, "tokens": 0}
+
+
+def _parameter_names(model: PreTrainedModel, parameters: Sequence[torch.nn.Parameter]) -> list[str]:
+    """Names of ``parameters`` in ``model``, which a saved training state is keyed by."""
+    by_id = {id(parameter): name for name, parameter in model.named_parameters()}
+    missing = [i for i, parameter in enumerate(parameters) if id(parameter) not in by_id]
+    if missing:
+        raise ValueError(
+            f"trainable parameters at positions {missing[:5]} are not parameters of {type(model).__name__}, so "
+            "their training state cannot be saved. Pass the model's own parameters, or resume_dir=None."
+        )
+    return [by_id[id(parameter)] for parameter in parameters]
+
+
+def _run_fingerprint(
+    model: PreTrainedModel,
+    examples: Sequence[TrainExample],
+    settings: Mapping,
+    *,
+    seed: int,
+    pad_id: int,
+    names: Sequence[str],
+    no_decay: Sequence[str],
+    aligner: RoutingAligner | None,
+    align_weight: float,
+) -> str:
+    """Fingerprint everything that decides a fine-tuning result, so a stale resume state is never used."""
+    example_rows = [[e.item_id, e.input_ids, e.labels, e.span, e.is_ci] for e in examples]
+    alignment = None
+    if aligner is not None:
+        teacher = ((f"{item}/{layer}", probs) for item, by_layer in sorted(aligner.teacher.items())
+                   for layer, probs in sorted(by_layer.items()))
+        alignment = {
+            "layers": aligner.layers,
+            "experts": {str(layer): list(ids) for layer, ids in sorted(aligner.experts_by_layer.items())},
+            "loss": aligner.loss,
+            "beta": aligner.beta,
+            "eps": aligner.eps,
+            "teacher": tensor_summary(teacher),
+        }
+    return fingerprint(
+        settings=result_settings(settings),
+        seed=seed,
+        pad_id=pad_id,
+        examples=hashlib.sha256(json.dumps(example_rows).encode("utf-8")).hexdigest(),
+        trainable=list(names),
+        no_decay=list(no_decay),
+        initial_weights=tensor_summary(model.named_parameters()),
+        alignment=alignment,
+        align_weight=align_weight,
+    )
 
 
 def read_ci_items(categories_path: str | Path, lang: str) -> set[str]:

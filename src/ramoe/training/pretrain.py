@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -12,10 +13,19 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from ramoe.io import atomic_path, run_metadata
 from ramoe.models.build import tiny_moe_config
+from ramoe.training.resume import (
+    TrainingState,
+    fingerprint,
+    restore_rng,
+    result_settings,
+    resume_folder,
+    rng_state,
+    tensor_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +93,16 @@ def pretrain(
     wall-time budget, so the result does not depend on the machine's load. The folder is written
     atomically and contains the checkpoint, the tokenizer, ``metrics.jsonl`` (one record per log
     interval) and ``pretrain_config.json`` (the resolved settings, seed and package versions).
-    Returns the last logged metrics.
+
+    Every ``settings['save_every']`` steps (absent or None: never) the training state goes to
+    ``<output_dir>.resume/``, and a run that finds a state there from the same settings, corpus
+    and tokenizer continues from it (see ``ramoe.training.resume``). The folder is removed once
+    the checkpoint is in place. Returns the last logged metrics.
     """
     torch.set_num_threads(threads)
     set_seed(settings["seed"])
-    arch = settings["architecture"]
-    config = tiny_moe_config(
-        arch,
-        vocab_size=len(tokenizer),
-        pad_id=tokenizer.pad_token_id,
-        bos_id=tokenizer.bos_token_id,
-        eos_id=tokenizer.eos_token_id,
-    )
-    model = AutoModelForCausalLM.from_config(config)
+    model, config = _build_model(tokenizer, settings["architecture"])
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters, %d layers, %d experts, top-%d",
-             config.model_type, n_params / 1e6, arch["num_layers"], arch["num_experts"], arch["top_k"])
 
     stream = pack_lines(tokenizer, lines)
     seq_len, batch_size, steps = settings["seq_len"], settings["batch_size"], settings["steps"]
@@ -114,16 +118,29 @@ def pretrain(
     )
     generator = torch.Generator().manual_seed(settings["seed"])
     aux_coef = config.router_aux_loss_coef
+    checkpointer = TrainingState(resume_folder(output_dir), settings.get("save_every"),
+                                 _run_fingerprint(settings, tokenizer, stream, model))
+
+    # resume: weights, optimizer, RNG states and the metrics so far replace the fresh ones
+    records: list[dict] = []
+    window = {"lm_loss": 0.0, "aux_loss": 0.0, "steps": 0}
+    first_step = 0
+    state = checkpointer.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], generator)
+        records, window, first_step = state["records"], state["window"], state["step"]
 
     with atomic_path(output_dir) as tmp_dir:
         tmp_dir.mkdir(parents=True)
         metrics_file = (tmp_dir / "metrics.jsonl").open("w", encoding="utf-8")
-        last: dict = {}
-        window_loss = window_aux = 0.0
-        window_steps = 0
+        for record in records:
+            metrics_file.write(json.dumps(record) + "\n")
         t_window = time.perf_counter()
         model.train()
-        for step in tqdm(range(steps), desc="pretrain", unit="step", mininterval=5.0):
+        for step in tqdm(range(first_step, steps), desc="pretrain", unit="step", mininterval=5.0, initial=first_step,
+                         total=steps):
             # set the learning rate
             lr = get_lr(step, lr=settings["lr"], warmup_steps=settings["warmup_steps"], total_steps=steps,
                         min_lr_ratio=settings["min_lr_ratio"])
@@ -141,37 +158,77 @@ def pretrain(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            # log
+            # log the means over the window
             aux = float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
-            window_loss += float(out.loss.detach()) - aux_coef * aux
-            window_aux += aux
-            window_steps += 1
+            window["lm_loss"] += float(out.loss.detach()) - aux_coef * aux
+            window["aux_loss"] += aux
+            window["steps"] += 1
             if (step + 1) % settings["log_every"] == 0 or step + 1 == steps:
                 elapsed = time.perf_counter() - t_window
-                last = {
+                record = {
                     "step": step + 1,
-                    "lm_loss": window_loss / window_steps,
-                    "aux_loss": window_aux / window_steps,
+                    "lm_loss": window["lm_loss"] / window["steps"],
+                    "aux_loss": window["aux_loss"] / window["steps"],
                     "lr": lr,
-                    "tokens_per_s": window_steps * batch_size * seq_len / elapsed,
+                    "tokens_per_s": window["steps"] * batch_size * seq_len / elapsed,
                 }
-                metrics_file.write(json.dumps(last) + "\n")
+                records.append(record)
+                metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                log.info("step %d/%d  lm_loss %.4f  aux_loss %.4f  lr %.2e  %.0f tok/s", last["step"], steps,
-                         last["lm_loss"], last["aux_loss"], lr, last["tokens_per_s"])
-                window_loss = window_aux = 0.0
-                window_steps = 0
+                log.info("step %d/%d  lm_loss %.4f  aux_loss %.4f  lr %.2e  %.0f tok/s", record["step"], steps,
+                         record["lm_loss"], record["aux_loss"], lr, record["tokens_per_s"])
+                window = {"lm_loss": 0.0, "aux_loss": 0.0, "steps": 0}
                 t_window = time.perf_counter()
+
+            # save the state to resume from
+            if checkpointer.due(step + 1, steps):
+                checkpointer.save({
+                    "step": step + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rng_state(generator),
+                    "records": records,
+                    "window": window,
+                })
         metrics_file.close()
 
         model.eval()
         model.save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
-        record = run_metadata(seed=settings["seed"], settings=dict(settings), parameters=n_params,
+        # Execution keys stay out of the record, because its bytes enter the model revision hash
+        # of every later output, which must not change with how often the run saved.
+        record = run_metadata(seed=settings["seed"], settings=result_settings(settings), parameters=n_params,
                               **(dict(provenance) if provenance else {}))
         (tmp_dir / "pretrain_config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    checkpointer.discard()
     log.info("saved checkpoint to %s", output_dir)
-    return last
+    return records[-1] if records else {}
+
+
+def _run_fingerprint(settings: Mapping, tokenizer: PreTrainedTokenizerFast, stream: torch.Tensor,
+                     model: PreTrainedModel) -> str:
+    """Fingerprint what decides a pretraining result, so a stale resume state is never used."""
+    return fingerprint(
+        settings=result_settings(settings),
+        vocabulary=sorted(tokenizer.get_vocab().items()),
+        stream=hashlib.sha256(stream.numpy().tobytes()).hexdigest(),
+        initial_weights=tensor_summary(model.state_dict().items()),
+    )
+
+
+def _build_model(tokenizer: PreTrainedTokenizerFast, arch: Mapping) -> tuple[PreTrainedModel, PretrainedConfig]:
+    """Build the tiny MoE of the ``architecture`` section with fresh weights from the global torch RNG."""
+    config = tiny_moe_config(
+        arch,
+        vocab_size=len(tokenizer),
+        pad_id=tokenizer.pad_token_id,
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    log.info("model %s: %.2fM parameters, %d layers, %d experts, top-%d", config.model_type,
+             sum(p.numel() for p in model.parameters()) / 1e6, arch["num_layers"], arch["num_experts"], arch["top_k"])
+    return model, config
 
 
 def pretrain_from_corpus(

@@ -13,6 +13,7 @@ from ramoe.data.schema import read_parallel
 from ramoe.io import atomic_path, run_metadata
 from ramoe.device import resolve_device
 from ramoe.models.loading import load_model, model_revision
+from ramoe.prompts import chat_options
 from ramoe.routing.adapters import describe_moe
 from ramoe.routing.traces import read_sequence_trace
 from ramoe.training import rise
@@ -28,6 +29,9 @@ from ramoe.training.finetune import (
     train,
 )
 from ramoe.training.alignment import aligned_layers
+from ramoe.training.distributed import ShardedAligner, launch_finetune, rank, wrap_model, world_size
+from ramoe.training.pretrain import set_seed
+from ramoe.training.resume import resume_folder
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +99,71 @@ def finetune_task_language(
     trace_paths: Mapping[str, str | Path] | None = None,
     threads: int = 1,
     device: str = "auto",
+    processes: int = 1,
 ) -> list[dict]:
     """Fine-tune the base model with ``method`` on the train items of ``task`` in ``lang`` and save it.
 
     ``settings`` is the ``finetune`` config section, ``routing`` the ``routing`` section (its
     ``text`` and ``max_length`` fix the span the alignment loss averages). ``experts_path`` (the
     task-expert mask with the zone) and ``trace_paths`` ({lang: sequence trace}; RA-MoE reads
-    English, RISE every language) are needed by ``ramoe`` and ``rise``.
+    English, RISE every language) are needed by ``ramoe`` and ``rise``. With ``processes``
+    (``finetune.processes``) above 1, torchrun launches that many DDP processes, which share
+    ``threads`` (see ramoe.training.distributed). Otherwise the training runs in this process.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not a trained method {METHODS}.")
+    arguments = {
+        "data_path": str(data_path),
+        "categories_path": str(categories_path),
+        "output_dir": str(output_dir),
+        "method": method,
+        "task": task,
+        "lang": lang,
+        "model_source": dict(model_source),
+        "settings": dict(settings),
+        "routing": dict(routing),
+        "seed": seed,
+        "experts_path": None if experts_path is None else str(experts_path),
+        "trace_paths": {code: str(path) for code, path in (trace_paths or {}).items()},
+    }
+    if processes > 1:
+        return launch_finetune(arguments, processes=processes, device=device, threads=threads)
+    return finetune_in_process(**arguments, threads=threads, device=device)
+
+
+def finetune_in_process(
+    data_path: str | Path,
+    categories_path: str | Path,
+    output_dir: str | Path,
+    *,
+    method: str,
+    task: str,
+    lang: str,
+    model_source: Mapping,
+    settings: Mapping,
+    routing: Mapping,
+    seed: int,
+    experts_path: str | Path | None = None,
+    trace_paths: Mapping[str, str | Path] | None = None,
+    threads: int = 1,
+    device: str = "auto",
+) -> list[dict]:
+    """Fine-tune in this process, or as one DDP worker when a process group is initialised.
+
+    Takes the arguments of ``finetune_task_language``. In a process group every worker trains
+    its share of each global batch and only rank 0 saves the checkpoint and returns the records.
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not a trained method {METHODS}.")
     torch.set_num_threads(threads)
     rows = _train_rows(data_path, lang, settings.get("max_train_items"))
-    model, tokenizer = load_model(model_source, device=resolve_device(device))
+    device = resolve_device(device)
+    model, tokenizer = load_model(model_source, device=device)
     layout = describe_moe(model)
     ci_items = read_ci_items(categories_path, lang) & {r["item_id"] for r in rows}
     examples = build_examples(rows, tokenizer, ci_items=ci_items, span_text=routing["text"],
-                              max_span=routing.get("max_length"))
-    info: dict = {"n_train": len(examples), "n_ci": len(ci_items)}
+                              max_span=routing.get("max_length"), **chat_options(model_source))
+    info: dict = {"n_train": len(examples), "n_ci": len(ci_items), "processes": world_size()}
     lr_settings = dict(settings)
 
     aligner, align_weight, no_decay = None, 0.0, []
@@ -124,7 +175,8 @@ def finetune_task_language(
         if settings["rise"].get("lr"):
             lr_settings["lr"] = settings["rise"]["lr"]
     else:
-        parameters = set_trainable(model, layout, settings["trainable"])
+        set_seed(seed)  # LoRA draws its A factors here, so the seed fixes them in every process
+        parameters = set_trainable(model, layout, settings["trainable"], lora=settings.get("lora"))
         if method == "ramoe":
             aligner, align_info = _ramoe_aligner(model, examples, settings=settings, experts_path=experts_path,
                                                  teacher_path=trace_paths["en"], lang=lang)
@@ -133,11 +185,32 @@ def finetune_task_language(
     log.info("%s on %s/%s, seed %d: %d train items (%d ci), training %s", method, task, lang, seed, len(examples),
              len(ci_items), describe_trainable(model, parameters))
 
+    # In a process group, each worker forwards its rows of every global batch (see distributed.py).
+    training_model, training_aligner = model, aligner
+    if world_size() > 1:
+        training_model = wrap_model(model, device)
+        training_aligner = None if aligner is None else ShardedAligner(aligner)
+
+    def run_training(metrics_path: Path | None) -> list[dict]:
+        return train(training_model, examples, lr_settings, seed=seed, pad_id=tokenizer.pad_token_id,
+                     parameters=parameters, no_decay=no_decay, aligner=training_aligner, align_weight=align_weight,
+                     metrics_path=metrics_path, desc=f"{method} {task}/{lang} seed {seed}",
+                     # NOTE: DDP workers would all write one resume folder, so only a single process resumes.
+                     resume_dir=resume_folder(output_dir) if world_size() == 1 else None)
+
+    if rank() != 0:
+        run_training(None)
+        return []
     with atomic_path(output_dir) as tmp:
         tmp.mkdir(parents=True)
-        records = train(model, examples, lr_settings, seed=seed, pad_id=tokenizer.pad_token_id, parameters=parameters,
-                        no_decay=no_decay, aligner=aligner, align_weight=align_weight,
-                        metrics_path=tmp / "metrics.jsonl", desc=f"{method} {task}/{lang} seed {seed}")
+        records = run_training(tmp / "metrics.jsonl")
+        if method != "rise" and settings.get("trainable") == "lora":
+            # Evaluation loads a plain transformers checkpoint, so the adapters are folded into
+            # the base weights before saving; the checkpoint needs no PEFT to load.
+            from ramoe.training.lora import merge_lora
+
+            model = merge_lora(model)
+            info["lora_merged"] = True
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = run_metadata(seed=seed, method=method, task=task, lang=lang, settings=dict(settings),
