@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ test: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(BIN)/snakemake --lint --cores 1
+
+# Benchmarks (BENCHMARKS.md): build the default outputs the scripts read, then time each stage
+# against its reference way. Pass script options through BENCH_ARGS, e.g. BENCH_ARGS=--quick.
+BENCH_MODEL ?= tiny-olmoe
+BENCH_ARGS ?=
+bench: $(INSTALLED)
+	$(BIN)/snakemake --cores $(CORES) results/data/cause.parquet \
+		results/experts/$(BENCH_MODEL)/arith.json results/categories/$(BENCH_MODEL)/arith.parquet
+	$(BIN)/python bench/run_all.py --model $(BENCH_MODEL) $(BENCH_ARGS)
 
 clean:
 	rm -rf results .snakemake
