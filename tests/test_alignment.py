@@ -112,7 +112,7 @@ def _tiny_model(num_layers: int = 4) -> torch.nn.Module:
     return model
 
 
-def test_gradient_reaches_the_router_of_an_aligned_layer_and_not_later_ones():
+def test_gradient_reaches_aligned_router_only():
     model = _tiny_model()
     input_ids = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(1))
     span = torch.ones(2, 6, dtype=torch.bool)

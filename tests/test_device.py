@@ -16,7 +16,7 @@ def release_claims():
     device._HELD.clear()
 
 
-def test_jobs_claim_different_gpus_and_wait_when_all_are_taken(tmp_path, monkeypatch):
+def test_claim_gpu_one_per_job(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert device.claim_gpu(2, folder=tmp_path) == 0
     assert device.claim_gpu(2, folder=tmp_path) == 1  # a second open file cannot take the first lock

@@ -104,7 +104,8 @@ def _step(model, tokenizer, *, which="all", aligner=None, weight=0.0, settings=S
 def test_sft_step_changes_every_trainable_parameter(model, tokenizer):
     changed, records = _step(model, tokenizer)
     assert changed == {name for name, _ in model.named_parameters()}
-    assert records[0]["align_loss"] == 0.0 and records[0]["lm_loss"] > 0
+    assert records[0]["align_loss"] == 0.0
+    assert records[0]["lm_loss"] > 0
 
 
 def test_router_only_training_leaves_the_rest_bit_identical(model, tokenizer):
@@ -129,7 +130,7 @@ def _aligner(layers=(1, 2), experts=None):
     return RoutingAligner(teacher, experts, list(layers), loss="mass_split", beta=1.0, eps=1e-6)
 
 
-def test_ramoe_with_lambda_zero_is_sft_bit_for_bit(model, tokenizer):
+def test_ramoe_lambda_zero_equals_sft(model, tokenizer):
     twin = copy.deepcopy(model)
     _step(model, tokenizer)
     _step(twin, tokenizer, aligner=_aligner(), weight=0.0)
@@ -137,7 +138,7 @@ def test_ramoe_with_lambda_zero_is_sft_bit_for_bit(model, tokenizer):
         assert torch.equal(a, b), name
 
 
-def test_ramoe_step_logs_the_alignment_loss_and_moves_routers_differently(model, tokenizer):
+def test_ramoe_step_moves_routers(model, tokenizer):
     twin = copy.deepcopy(model)
     _step(model, tokenizer)
     _, records = _step(twin, tokenizer, aligner=_aligner(), weight=1.0)

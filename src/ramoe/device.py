@@ -35,7 +35,7 @@ def lock_dir() -> Path:
 
 
 def _visible_ids(count: int) -> list[str]:
-    """The physical identity of each visible GPU: its CUDA_VISIBLE_DEVICES entry, or its index."""
+    """Return the physical identity of each visible GPU: its CUDA_VISIBLE_DEVICES entry, or its index."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
         entries = [entry.strip() for entry in visible.split(",") if entry.strip()]
@@ -76,8 +76,8 @@ def claim_gpu(count: int, *, folder: Path | None = None, wait_s: float = 3600.0,
 def resolve_device(preference: str = "auto") -> str:
     """Turn the ``device`` config value into a torch device string, claiming a GPU where one is used.
 
-    ``auto`` claims a free GPU when CUDA is available and falls back to the CPU otherwise;
-    ``cuda`` claims a free GPU and fails without one; ``cuda:N`` and ``cpu`` are taken as given.
+    ``auto`` claims a free GPU when CUDA is available and falls back to the CPU otherwise.
+    ``cuda`` claims a free GPU and fails without one. ``cuda:N`` and ``cpu`` are taken as given.
     """
     if preference == "cpu" or preference.startswith("cuda:"):
         if preference.startswith("cuda:") and not torch.cuda.is_available():

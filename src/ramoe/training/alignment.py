@@ -88,7 +88,7 @@ def layer_alignment_loss(
 
 def aligned_layers(zone: tuple[int, int], experts_by_layer: Mapping[int, Sequence[int]], moe_layers: Sequence[int],
                    loss: str) -> list[int]:
-    """The layers the loss averages over: zone layers with task experts (``mass_split``) or every MoE zone layer."""
+    """Select the layers the loss averages over: zone layers with task experts (``mass_split``) or every MoE zone layer."""
     first, last = zone
     in_zone = [layer for layer in moe_layers if first <= layer <= last]
     if loss == "mass_split":
@@ -120,8 +120,8 @@ def alignment_loss(
 def sequence_routing(probs: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
     """Mean routing distribution per sequence over the tokens of ``span_mask``: (B, E).
 
-    ``probs`` is (B * T, E) in the row order routers flatten their input (batch-major);
-    ``span_mask`` is (B, T) with True on the tokens that count (never padding).
+    ``probs`` is (B * T, E) in the batch-major row order in which routers flatten their input.
+    ``span_mask`` is (B, T) and is True on the tokens that count, which are never padding.
     """
     batch, seq_len = span_mask.shape
     probs = probs.reshape(batch, seq_len, -1)

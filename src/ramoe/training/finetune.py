@@ -5,8 +5,8 @@ One loop serves the three trained methods:
 * ``sft``: causal-LM loss on the completion (the prompt is masked out of the loss);
 * ``ramoe``: the same loss plus ``lambda`` times the routing alignment loss, averaged over the
   *ci* examples of the batch. The student routing is the target-language sequence's routing in
-  this forward pass (router hooks that keep the graph); the English teacher routing comes from
-  the frozen base model's English sequence trace, computed once by the ``trace`` rule;
+  this forward pass, taken by router hooks that keep the graph. The English teacher routing
+  comes from the frozen base model's English sequence trace, which the ``trace`` rule computes once;
 * ``rise``: the causal-LM loss with only RISE's selected expert slices trainable.
 
 ``lambda = 0`` turns RA-MoE into SFT through the same code path.
@@ -87,7 +87,7 @@ def build_examples(
     examples = []
     for row, prompt, completion, span in zip(rows, prompt_ids, completion_ids, span_lengths, strict=True):
         if not completion:
-            raise ValueError(f"item {row['item_id']!r} ({row['lang']!r}): the answer encodes to no tokens.")
+            raise ValueError(f"item {row['item_id']!r} ({row['lang']!r}): the gold answer encodes to no tokens. Check its answer field.")
         completion = [*completion, tokenizer.eos_token_id]
         span = min(span, len(prompt) + len(completion) - 1)
         if max_span is not None:
