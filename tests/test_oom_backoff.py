@@ -137,15 +137,20 @@ def test_capture_traces_memory_is_flat(model, tokenizer, tmp_path):
                                       rows_per_group=rows_per_group)
 
     trace(4, 128)()  # first call: imports and caches that later calls reuse
-    streamed = _peak_python_bytes(trace(120, 128)) - _peak_python_bytes(trace(20, 128))
-    buffered = _peak_python_bytes(trace(120, 10**9)) - _peak_python_bytes(trace(20, 10**9))
-    rows = pl.scan_parquet(tmp_path / "120-128.tokens.parquet").select(pl.len()).collect().item()
+    streamed = _peak_python_bytes(trace(220, 128)) - _peak_python_bytes(trace(20, 128))
+    buffered = _peak_python_bytes(trace(220, 10**9)) - _peak_python_bytes(trace(20, 10**9))
+    rows = {
+        count: pl.scan_parquet(tmp_path / f"{count}-128.tokens.parquet").select(pl.len()).collect().item()
+        for count in (20, 220)
+    }
 
-    assert rows > 5_000
-    # Measured with 20 and 120 texts: about +9 kB streamed (mostly the item ids of the key
-    # table) against about +330 kB when every row waits for the end.
-    assert buffered > rows * 33  # at least the 33 bytes of NumPy columns per token row
-    assert streamed < 0.1 * buffered
+    assert rows[220] - rows[20] > 10_000
+    # Measured with 20 and 220 texts: +50 to +160 kB streamed against +460 to +780 kB when every
+    # row waits for the end. The streamed growth, about 700 bytes per text, is the key table's
+    # item ids, the input texts, and small objects that the forward passes and the writer thread
+    # leave in CPython's free lists. It varies with how the two threads interleave.
+    assert buffered >= (rows[220] - rows[20]) * 23  # the 23 bytes of NumPy columns per token row
+    assert streamed < 0.35 * buffered
 
 
 def test_load_model_passes_device_map(tmp_path, model, tokenizer, monkeypatch):

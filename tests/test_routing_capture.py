@@ -212,6 +212,37 @@ def test_top_k_matches_router_outputs(family_model):
         )
 
 
+
+def test_all_layers_matches_per_layer_methods(family_model):
+    family, model = family_model
+    layout = describe_moe(model)
+    _, input_ids, attention_mask = left_padded_batch([7, 3, 5], seed=2)
+    with RouterCapture(model, layout) as capture, torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask))
+
+    def assert_matches_per_layer(capture: RouterCapture) -> None:
+        probabilities, ids, weights = capture.all_layers(call=0)
+        tokens, layers = input_ids.numel(), len(layout.moe_layers)
+        assert probabilities.shape == (tokens, layers, layout.num_experts)
+        assert ids.shape == weights.shape == (tokens, layers, layout.top_k)
+        for index, layer in enumerate(layout.moe_layers):
+            layer_ids, layer_weights = capture.top_k(layer, call=0)
+            torch.testing.assert_close(probabilities[:, index], capture.probabilities(layer, call=0), rtol=0, atol=1e-7)
+            assert torch.equal(ids[:, index], layer_ids), (family, layer)
+            torch.testing.assert_close(weights[:, index], layer_weights, rtol=0, atol=1e-7)
+
+    assert_matches_per_layer(capture)
+    # Every router of these families returns its ids, which all_layers reuses for softmax_top_k.
+    assert all(entry is not None for entries in capture.router_ids.values() for entry in entries), family
+    if layout.selection == "softmax_top_k":
+        # all_layers reads the routers' ids: swapped columns come back swapped.
+        router_ids = capture.router_ids
+        capture.router_ids = {layer: [entries[0].flip(-1)] for layer, entries in router_ids.items()}
+        assert torch.equal(capture.all_layers(call=0)[1][:, 0], router_ids[layout.moe_layers[0]][0].flip(-1))
+        # Without the routers' ids, all_layers recomputes the top-k, with the same result.
+        capture.router_ids = {layer: [None] for layer in layout.moe_layers}
+        assert_matches_per_layer(capture)
+
 def test_padding_invariance(family_model):
     family, model = family_model
     layout = describe_moe(model)

@@ -17,7 +17,7 @@ from test_routing_capture import COMMON_CONFIG, FAMILY_CASES, build_model
 from transformers import AutoModelForCausalLM
 
 from ramoe.models.tokenizer import build_word_tokenizer
-from ramoe.routing import RouterCapture, describe_moe
+from ramoe.routing import RouterCapture, describe_moe, traces
 from ramoe.routing.traces import (
     METADATA_KEY,
     SEQUENCE_TRACE_SCHEMA,
@@ -25,6 +25,7 @@ from ramoe.routing.traces import (
     capture_traces,
     read_sequence_trace,
     read_trace_metadata,
+    sequence_rows_per_group,
     trace_texts,
 )
 
@@ -164,7 +165,9 @@ def test_sequence_trace_matches_router_logits(model, tokenizer, tmp_path):
         stored_experts = layer_rows["expert"].to_numpy().reshape(n_tokens, TOP_K)
         stored_weights = layer_rows["weight"].to_numpy().reshape(n_tokens, TOP_K)
         np.testing.assert_array_equal(stored_experts, ids.numpy())
-        np.testing.assert_allclose(stored_weights, weights.numpy(), rtol=0, atol=1e-6)
+        # The float16 weight is the float32 weight rounded to the nearest float16.
+        np.testing.assert_array_equal(stored_weights, weights.numpy().astype(np.float16))
+        assert stored_weights.dtype == np.float16
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -188,8 +191,11 @@ def test_padding_changes_no_stored_value(model, tokenizer, tmp_path, padding_sid
     assert padded_tokens.height == single_tokens.height
     for column in ("item_id", "lang", "layer", "token", "token_id", "rank", "expert"):
         assert padded_tokens[column].to_list() == single_tokens[column].to_list(), column
+    # Float32 weights that differ by 1e-7 can round to neighbouring float16 values, one ulp
+    # (at most 2^-11 for a weight below 1) apart.
     np.testing.assert_allclose(
-        padded_tokens["weight"].to_numpy(), single_tokens["weight"].to_numpy(), rtol=0, atol=1e-6
+        padded_tokens["weight"].to_numpy().astype(np.float32), single_tokens["weight"].to_numpy().astype(np.float32),
+        rtol=0, atol=2.0**-11,
     )
 
 
@@ -260,17 +266,20 @@ def test_read_trace_metadata_rejects_foreign_file(tmp_path):
 
 def test_small_row_groups_same_content(model, tokenizer, tmp_path):
     default_summary, default_paths = run_traces(model, tokenizer, tmp_path, "default")
-    small_summary, small_paths = run_traces(model, tokenizer, tmp_path, "small", rows_per_group=7)
+    small_summary, small_paths = run_traces(model, tokenizer, tmp_path, "small", rows_per_group=20)
 
     assert small_summary["token_rows"] == default_summary["token_rows"]
-    for trace in ("token", "sequence"):
+    # A sequence row has two values per expert, so its row groups contain 20 // 4 experts = 5 rows.
+    assert sequence_rows_per_group(20, NUM_EXPERTS) == 5
+    assert sequence_rows_per_group(3, NUM_EXPERTS) == 1
+    for trace, group_size in (("token", 20), ("sequence", 5)):
         default_file = pq.ParquetFile(default_paths[trace])
         small_file = pq.ParquetFile(small_paths[trace])
         assert default_file.metadata.num_row_groups == 1
         group_rows = [small_file.metadata.row_group(g).num_rows for g in range(small_file.metadata.num_row_groups)]
         assert len(group_rows) > 2
-        assert all(rows == 7 for rows in group_rows[:-1]), group_rows
-        assert 0 < group_rows[-1] <= 7
+        assert all(rows == group_size for rows in group_rows[:-1]), group_rows
+        assert 0 < group_rows[-1] <= group_size
         # Row groups carry their own item_id and lang dictionaries, so compare decoded rows.
         assert small_file.read().to_pylist() == default_file.read().to_pylist()
 
@@ -294,6 +303,29 @@ def test_failing_run_leaves_no_file(model, tokenizer, tmp_path):
     # Row groups of the first batch were already written, but only to the temporary files.
     assert len(files_during_run[1]) == 2
     assert all(name.startswith(".tmp-") for name in files_during_run[1])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("failing_batch", [1, 4])
+def test_writer_thread_error_reaches_caller(model, tokenizer, tmp_path, monkeypatch, failing_batch):
+    """An error while building or writing rows on the writer thread stops the run and leaves no file.
+
+    Batch 1 fails while batch 2's forward runs; batch 4 (of 4) fails after the last forward.
+    """
+    original = traces._append_rows
+    calls = []
+
+    def append_or_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == failing_batch:
+            raise OSError("simulated disk error on the writer thread")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(traces, "_append_rows", append_or_fail)
+    with pytest.raises(OSError, match="simulated disk error"):
+        run_traces(model, tokenizer, tmp_path, "writer", batch_size=2, rows_per_group=4)
+    assert len(TEXTS) == 8  # four batches of two
+    assert len(calls) == failing_batch
     assert list(tmp_path.iterdir()) == []
 
 

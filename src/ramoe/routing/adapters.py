@@ -342,19 +342,27 @@ def _check_selection(
 
 
 def select_top_k(
-    logits: torch.Tensor, layout: MoELayout, router: torch.nn.Module | None = None
+    logits: torch.Tensor,
+    layout: MoELayout,
+    router: torch.nn.Module | None = None,
+    *,
+    softmax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute the router's top-k expert ids and weights from (tokens, experts) logits.
 
     Works in float32 whatever the dtype of ``logits``. Returns ``(ids, weights)``, each
     (tokens, top_k), in the order the family's router produces them, which is unsorted for
     ``grouped_sigmoid``. ``router`` is the router module; ``grouped_sigmoid`` reads its
-    ``e_score_correction_bias`` buffer, the other rules ignore it.
+    ``e_score_correction_bias`` buffer, the other rules ignore it. ``softmax``, the float32
+    softmax of ``logits`` when the caller has it already, saves computing it again for
+    ``softmax_top_k``; the other rules ignore it.
     """
     logits = logits.float()
     options = layout.selection_options
     if layout.selection == SELECTION_SOFTMAX_TOP_K:
-        return _softmax_top_k(logits, layout.top_k, normalize=options.get("normalize", False))
+        if softmax is None:
+            softmax = torch.softmax(logits, dim=-1)
+        return _softmax_top_k(softmax, layout.top_k, normalize=options.get("normalize", False))
     if layout.selection == SELECTION_TOP_K_SOFTMAX:
         return _top_k_softmax(logits, layout.top_k)
     if layout.selection == SELECTION_SPARSEMIXER:
@@ -370,9 +378,9 @@ def select_top_k(
     raise ValueError(f"invalid selection rule {layout.selection!r} in the layout of {layout.family!r}.")
 
 
-def _softmax_top_k(logits: torch.Tensor, top_k: int, *, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _softmax_top_k(softmax: torch.Tensor, top_k: int, *, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """OLMoE, Qwen2-MoE, Qwen3-MoE and Mixtral: softmax over all experts, then top-k."""
-    weights, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+    weights, ids = softmax.topk(top_k, dim=-1)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return ids, weights

@@ -28,9 +28,22 @@ from typing import Any
 
 import torch
 
-from ramoe.routing.adapters import SCORING_SIGMOID, SCORING_SOFTMAX, MoELayout, describe_moe, select_top_k
+from ramoe.routing.adapters import (
+    SCORING_SIGMOID,
+    SCORING_SOFTMAX,
+    SELECTION_GROUPED_SIGMOID,
+    SELECTION_SOFTMAX_TOP_K,
+    SELECTION_TOP_K_SOFTMAX,
+    MoELayout,
+    describe_moe,
+    select_top_k,
+)
 
 log = logging.getLogger(__name__)
+
+# Selection rules whose top-k weights already come sorted, descending, from torch.topk: a
+# softmax, or a division by a positive sum, keeps the order. A stable sort would change nothing.
+_SORTED_SELECTIONS = frozenset({SELECTION_SOFTMAX_TOP_K, SELECTION_TOP_K_SOFTMAX})
 
 
 class RouterCapture:
@@ -43,7 +56,9 @@ class RouterCapture:
     router weights.
 
     Every router call appends one entry, so with gradient checkpointing the recomputation in
-    the backward pass appends a second entry for the same tokens.
+    the backward pass appends a second entry for the same tokens. ``router_ids[layer]`` gets
+    the (tokens, top_k) expert ids the router itself returned with those logits, or None for a
+    router that returns no ids.
     """
 
     def __init__(self, model: torch.nn.Module, layout: MoELayout | None = None, *, keep_graph: bool = False):
@@ -60,6 +75,7 @@ class RouterCapture:
             )
         self._routers = {layer: modules[name] for layer, name in self.layout.router_modules.items()}
         self.logits: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layout.moe_layers}
+        self.router_ids: dict[int, list[torch.Tensor | None]] = {layer: [] for layer in self.layout.moe_layers}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> RouterCapture:
@@ -88,12 +104,17 @@ class RouterCapture:
             if not self.keep_graph:
                 logits = logits.detach()
             self.logits[layer].append(logits.float())
+            ids = output[2] if isinstance(output, tuple) and len(output) >= 3 else None
+            if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+                self.router_ids[layer].append(ids.detach().reshape(logits.shape[0], -1))
+            else:
+                self.router_ids[layer].append(None)
 
         return record_logits
 
     def clear(self) -> None:
-        """Drop all captured logits but keep the hooks."""
-        for entries in self.logits.values():
+        """Drop all captured logits and router ids but keep the hooks."""
+        for entries in (*self.logits.values(), *self.router_ids.values()):
             entries.clear()
 
     def probabilities(self, layer: int, call: int | None = None) -> torch.Tensor:
@@ -104,7 +125,9 @@ class RouterCapture:
         row sums to 1. ``call`` selects one forward call; by default all calls are concatenated
         in order.
         """
-        logits = self._layer_logits(layer, call)
+        return self._distribution(self._layer_logits(layer, call))
+
+    def _distribution(self, logits: torch.Tensor) -> torch.Tensor:
         if self.layout.scoring == SCORING_SOFTMAX:
             return torch.softmax(logits, dim=-1)
         if self.layout.scoring == SCORING_SIGMOID:
@@ -120,10 +143,41 @@ class RouterCapture:
         ``routed_scaling_factor``. Columns are sorted by weight, descending. The bias is read from
         the router when this method runs, not when the logits were captured.
         """
-        logits = self._layer_logits(layer, call)
-        ids, weights = select_top_k(logits, self.layout, self._routers[layer])
-        weights, order = weights.sort(dim=-1, descending=True, stable=True)
-        return ids.gather(-1, order), weights
+        ids, weights = select_top_k(self._layer_logits(layer, call), self.layout, self._routers[layer])
+        return _sorted_by_weight(ids, weights, self.layout.selection)
+
+    def all_layers(self, call: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``probabilities``, and ``top_k`` ids and weights, of every MoE layer for one forward call.
+
+        The results are (tokens, layers, experts) and twice (tokens, layers, top_k), with layers in
+        ``layout.moe_layers`` order, and equal what the per-layer methods return. Where the
+        selection rule does not read the router module (every rule but ``grouped_sigmoid``),
+        each is computed once over all layers, not once per layer.
+
+        For ``softmax_top_k`` the ids are the ones the routers returned, when they all did. The
+        routers of OLMoE, Qwen-MoE and Mixtral take torch.topk of the same float32 softmax, so
+        their ids equal the recomputed ones. Computing torch.topk again on the CPU cost about 4%
+        of a forward of the default model. The weights are the distribution at those ids,
+        normalized where the family normalizes them.
+        """
+        layers = self.layout.moe_layers
+        logits = torch.stack([self._layer_logits(layer, call) for layer in layers], dim=1)  # (T, L, E)
+        probabilities = self._distribution(logits)
+        if self.layout.selection == SELECTION_SOFTMAX_TOP_K and self.layout.scoring == SCORING_SOFTMAX:
+            router_ids = [self.router_ids[layer][call] for layer in layers]
+            expected_shape = (logits.shape[0], self.layout.top_k)
+            if all(ids is not None and tuple(ids.shape) == expected_shape for ids in router_ids):
+                ids = torch.stack(router_ids, dim=1).to(device=probabilities.device, dtype=torch.long)
+                weights = probabilities.gather(-1, ids)
+                if self.layout.selection_options.get("normalize", False):
+                    weights = weights / weights.sum(dim=-1, keepdim=True)
+                return probabilities, ids, weights
+        if self.layout.selection == SELECTION_GROUPED_SIGMOID:
+            pairs = [self.top_k(layer, call) for layer in layers]
+            return probabilities, torch.stack([ids for ids, _ in pairs], dim=1), torch.stack([w for _, w in pairs], dim=1)
+        softmax = probabilities if self.layout.scoring == SCORING_SOFTMAX else None
+        ids, weights = select_top_k(logits, self.layout, softmax=softmax)
+        return (probabilities, *_sorted_by_weight(ids, weights, self.layout.selection))
 
     def _layer_logits(self, layer: int, call: int | None) -> torch.Tensor:
         if layer not in self.logits:
@@ -136,6 +190,14 @@ class RouterCapture:
         if call is None:
             return torch.cat(entries, dim=0)
         return entries[call]
+
+
+def _sorted_by_weight(ids: torch.Tensor, weights: torch.Tensor, selection: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort top-k columns by weight, descending; a stable sort keeps the router's order among ties."""
+    if selection in _SORTED_SELECTIONS:
+        return ids, weights
+    weights, order = weights.sort(dim=-1, descending=True, stable=True)
+    return ids.gather(-1, order), weights
 
 
 def per_sequence(flat: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:

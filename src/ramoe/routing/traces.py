@@ -3,18 +3,23 @@
 ``capture_traces`` runs batched forward passes under ``RouterCapture`` and writes two files:
 
 * the token trace, one row per (item, lang, layer, token, rank): the expert the router
-  selected at that rank and its weight, as ``RouterCapture.top_k`` recomputes them;
+  selected at that rank and its weight, as ``RouterCapture.top_k`` recomputes them. The weight
+  is stored as float16 (absolute error at most 2.4e-4 for a weight in [0, 1]), which halves
+  the file: at top-2 of 16 experts a float32 weight column was 86% of its bytes;
 * the sequence trace, one row per (item, lang, layer): the mean routing distribution over the
   sequence's tokens, how many tokens selected each expert, and the mean routing entropy.
 
-Padding never reaches a file: each forward call's rows are split per sequence through the
-attention mask (``per_sequence``), and ``token`` counts only non-padding tokens, so the special
-tokens the tokenizer adds (BOS) are token 0. Rows are written in input order, and inside one
+Padding never reaches a file: each forward call's rows are read through its attention mask,
+and ``token`` counts only non-padding tokens, so the special tokens the tokenizer adds (BOS) are
+token 0. Rows are written in input order, and inside one
 sequence by layer, token and rank.
 
-Both files are written through ``ParquetWriter`` in row groups of at most ``rows_per_group``
-rows, so memory stays flat however many texts are traced, and only renamed to their final
-paths once complete. The provenance is stored as JSON in the Parquet schema metadata under
+Both files are written through ``ParquetWriter`` in row groups, so memory stays flat however
+many texts are traced, and only renamed to their final paths once complete. The token trace's
+row groups hold ``rows_per_group`` rows. A sequence-trace row carries two values per expert, not
+one, so its row groups hold ``rows_per_group // num_experts`` rows (at least 1). With the token
+trace's size for both, the sequence writer held every row of a 1000-text run until the end, and
+the working memory grew 1.44 times from 500 to 1000 texts (BENCHMARKS.md). The provenance is stored as JSON in the Parquet schema metadata under
 ``METADATA_KEY``.
 """
 
@@ -25,6 +30,8 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +46,13 @@ from ramoe.evaluation.inference import halve_batch_size, release_cached_memory
 from ramoe.io import atomic_path, run_metadata
 from ramoe.prompts import format_prompts
 from ramoe.routing.adapters import MoELayout, describe_moe
-from ramoe.routing.capture import RouterCapture, per_sequence
+from ramoe.routing.capture import RouterCapture
 
 log = logging.getLogger(__name__)
 
 METADATA_KEY = b"ramoe"
-TRACE_FORMAT_VERSION = 1
+# Version 2 stores the token trace's weight as float16 (version 1: float32).
+TRACE_FORMAT_VERSION = 2
 TEXT_MODES = ("prompt", "solved")
 
 _KEY_TYPE = pa.dictionary(pa.int32(), pa.string())
@@ -58,7 +66,7 @@ TOKEN_TRACE_SCHEMA = pa.schema(
         pa.field("token_id", pa.int32(), nullable=False),
         pa.field("rank", pa.int8(), nullable=False),
         pa.field("expert", pa.int16(), nullable=False),
-        pa.field("weight", pa.float32(), nullable=False),
+        pa.field("weight", pa.float16(), nullable=False),
     ]
 )
 
@@ -187,7 +195,8 @@ def capture_traces(
     model revision, dtype and seed) must be JSON-serializable. It is stored in both files
     together with the package versions and the model's MoE layout. A forward pass that runs out
     of device memory is retried at half the batch size (down to 1), which the metadata's
-    ``batch_size`` does not record.
+    ``batch_size`` does not record. ``rows_per_group`` sets the row-group size of the token
+    trace; the sequence trace's follows from it (``sequence_rows_per_group``).
 
     Returns a summary: ``sequences``, ``tokens`` (non-padding tokens after truncation),
     ``truncated`` (texts cut to ``max_length``), ``layers``, ``token_rows``, ``sequence_rows``,
@@ -233,7 +242,7 @@ def capture_traces(
             outputs.enter_context(atomic_path(sequence_path)),
             _with_metadata(SEQUENCE_TRACE_SCHEMA, metadata, "sequence"),
             keys,
-            rows_per_group,
+            sequence_rows_per_group(rows_per_group, layout.num_experts),
             _SEQUENCE_ENCODINGS,
         )
         outputs.callback(sequence_writer.close)
@@ -248,6 +257,11 @@ def capture_traces(
             )
             outputs.callback(token_writer.close)
 
+        # One writer thread turns a batch's statistics into rows and writes them while the next
+        # forward runs: Parquet encoding and zstd release the GIL, and on a GPU the CPU would
+        # otherwise wait for them. Leaving the ExitStack waits for it before closing the writers.
+        writer_thread = outputs.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-writer"))
+        written: Future | None = None
         with RouterCapture(model, layout) as capture, torch.inference_mode():
             progress = outputs.enter_context(
                 tqdm(total=len(texts), desc="routing traces", unit="text", mininterval=5.0)
@@ -272,9 +286,14 @@ def capture_traces(
                 truncated += batch_truncated
                 tokens += int(attention_mask.sum())
                 codes = [keys.add(item_id, lang) for item_id, lang, _ in batch]
-                _write_batch(capture, layout, codes, input_ids, attention_mask, sequence_writer, token_writer)
+                routed = _route_batch(capture, layout, codes, input_ids, attention_mask, token_writer is not None)
+                if written is not None:
+                    written.result()  # at most one batch waits, and a writer error surfaces here
+                written = writer_thread.submit(_append_rows, routed, layout.moe_layers, sequence_writer, token_writer)
                 progress.update(len(batch))
                 start += len(batch)
+            if written is not None:
+                written.result()
         # Leaving the ExitStack closes both writers, then renames the files onto their paths.
 
     summary = {
@@ -294,6 +313,11 @@ def capture_traces(
         )
     log.info("wrote routing traces of %d texts (%d tokens): %s", len(texts), tokens, summary)
     return summary
+
+
+def sequence_rows_per_group(rows_per_group: int, num_experts: int) -> int:
+    """Return the rows per sequence-trace row group for ``rows_per_group`` token-trace rows (see the module docstring)."""
+    return max(1, rows_per_group // num_experts)
 
 
 def _check_arguments(
@@ -416,106 +440,137 @@ def _forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     )
 
 
-def _write_batch(
+@dataclass
+class _RoutedBatch:
+    """The routing statistics of one forward call, on the CPU, ready to become trace rows.
+
+    Shapes: ``mean_probabilities`` and ``topk_counts`` (batch, layers, experts), ``entropy``
+    (batch, layers), ``n_tokens`` (batch,), ``expert_ids`` and ``weights`` (batch * seq, layers,
+    top_k) in the routers' row order, and ``input_ids`` and ``mask`` (batch, seq).
+    ``weights`` is None without a token trace.
+    """
+
+    codes: list[tuple[int, int]]
+    mean_probabilities: torch.Tensor
+    entropy: torch.Tensor
+    topk_counts: torch.Tensor
+    n_tokens: torch.Tensor
+    expert_ids: torch.Tensor
+    weights: torch.Tensor | None
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+
+
+def _route_batch(
     capture: RouterCapture,
     layout: MoELayout,
     codes: list[tuple[int, int]],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    with_tokens: bool,
+) -> _RoutedBatch:
+    """Compute one forward call's per-sequence statistics on the model's device and move them to the CPU.
+
+    Everything is computed for the whole batch at once through the attention mask, because a
+    Python loop over sequences cost about a quarter of the forward pass's time.
+    """
+    batch, seq_len = attention_mask.shape
+    num_layers = len(layout.moe_layers)
+    # (batch * seq, layers, experts) and twice (batch * seq, layers, top_k), float32.
+    probabilities, expert_ids, weights = capture.all_layers(call=0)
+    device = probabilities.device
+    mask = attention_mask.to(device=device, dtype=torch.bool)
+    n_tokens = mask.sum(dim=1)  # (batch,)
+
+    # Padding rows get weight 0, so the sums run over each sequence's real tokens only.
+    token_weights = mask.to(probabilities.dtype).reshape(batch, seq_len, 1, 1)
+    divisor = n_tokens.to(probabilities.dtype).reshape(batch, 1, 1)
+    grid = probabilities.reshape(batch, seq_len, num_layers, -1)
+    mean_probabilities = (grid * token_weights).sum(dim=1) / divisor  # (batch, layers, experts)
+    # xlogy gives 0 for p = 0, where p * log(p) would be NaN.
+    token_entropy = -torch.special.xlogy(grid, grid).sum(dim=-1, keepdim=True)  # (batch, seq, layers, 1)
+    entropy = (token_entropy * token_weights).sum(dim=1).squeeze(-1) / divisor.squeeze(-1)  # (batch, layers)
+
+    # Selections per (sequence, layer, expert): a padding token adds 0 to its expert's count.
+    top_k = expert_ids.shape[-1]
+    selected = _to_grid(expert_ids, batch).reshape(batch, num_layers, -1)  # (batch, layers, seq * top_k)
+    ones = mask.to(torch.int32)[:, None, :, None].expand(-1, num_layers, -1, top_k)
+    counts = torch.zeros((batch, num_layers, layout.num_experts), dtype=torch.int32, device=device)
+    counts.scatter_add_(2, selected, ones.reshape(batch, num_layers, -1))
+
+    return _RoutedBatch(
+        codes=codes,
+        mean_probabilities=mean_probabilities.cpu(),
+        entropy=entropy.cpu(),
+        topk_counts=counts.cpu(),
+        n_tokens=n_tokens.cpu(),
+        expert_ids=expert_ids.cpu(),
+        weights=weights.cpu() if with_tokens else None,
+        input_ids=input_ids.cpu(),
+        mask=attention_mask.to(torch.bool).cpu(),
+    )
+
+
+def _append_rows(
+    routed: _RoutedBatch,
+    layers: Sequence[int],
     sequence_writer: _RowGroupWriter,
     token_writer: _RowGroupWriter | None,
 ) -> None:
-    """Append the rows of one forward call to both writers: sequence by sequence, then layer by layer."""
-    layers = layout.moe_layers
-    num_experts = layout.num_experts
+    """Append the rows of one forward call to both writers: sequence by sequence, then layer by layer.
 
-    # (batch * seq, layers, experts) and (batch * seq, layers, top_k), float32 on the model's device.
-    probabilities = torch.stack([capture.probabilities(layer, call=0) for layer in layers], dim=1)
-    top_k_pairs = [capture.top_k(layer, call=0) for layer in layers]
-    expert_ids = torch.stack([ids for ids, _ in top_k_pairs], dim=1)
-    weights = torch.stack([weight for _, weight in top_k_pairs], dim=1)
-
-    # The distributions stay on the device, where their per-sequence statistics are computed.
-    # The top-k tensors are small, so they move to the CPU once per batch.
-    sequence_probabilities = per_sequence(probabilities, attention_mask.to(probabilities.device))
-    sequence_expert_ids = per_sequence(expert_ids.cpu(), attention_mask)
-    sequence_weights = per_sequence(weights.cpu(), attention_mask)
-    sequence_token_ids = per_sequence(input_ids.reshape(-1), attention_mask)
-
+    It uses NumPy and pyarrow only, so it can run on the writer thread while the next forward runs.
+    """
+    batch, seq_len = routed.mask.shape
+    num_layers = len(layers)
+    rows = batch * num_layers
     layer_column = np.asarray(layers, dtype=np.int16)
-    for index, (item_code, lang_code) in enumerate(codes):
-        sequence_writer.append(
-            _sequence_columns(
-                item_code, lang_code, layer_column, sequence_probabilities[index], sequence_expert_ids[index],
-                num_experts,
-            )
-        )
-        if token_writer is not None:
-            token_writer.append(
-                _token_columns(
-                    item_code, lang_code, layer_column, sequence_token_ids[index], sequence_expert_ids[index],
-                    sequence_weights[index],
-                )
-            )
+    item_codes, lang_codes = np.asarray(routed.codes, dtype=np.int32).reshape(batch, 2).T
+    sequence_writer.append(
+        {
+            "item_id": np.repeat(item_codes, num_layers),
+            "lang": np.repeat(lang_codes, num_layers),
+            "layer": np.tile(layer_column, batch),
+            "n_tokens": np.repeat(routed.n_tokens.numpy().astype(np.int32), num_layers),
+            "probs": routed.mean_probabilities.reshape(rows, -1).numpy(),
+            "topk_counts": routed.topk_counts.reshape(rows, -1).numpy(),
+            "entropy": routed.entropy.reshape(rows).numpy(),
+        }
+    )
+    if token_writer is None:
+        return
+    # Rows in (sequence, layer, token, rank) order. The padded (batch, layers, seq) grid is read
+    # through the attention mask, so padding positions are skipped, and each kept position
+    # becomes top_k rows.
+    top_k = routed.expert_ids.shape[-1]
+    mask = routed.mask.numpy()
+    keep = np.broadcast_to(mask[:, None, :], (batch, num_layers, seq_len))
+    triples = int(keep.sum())  # kept (sequence, layer, token) triples
+
+    def per_token(values: np.ndarray) -> np.ndarray:
+        """Read a (batch, seq) array at the kept triples and repeat each value top_k times."""
+        return np.repeat(np.broadcast_to(values[:, None, :], keep.shape)[keep], top_k)
+
+    rows_per_sequence_layer = mask.sum(axis=1) * top_k  # (batch,)
+    token_writer.append(
+        {
+            "item_id": np.repeat(item_codes, rows_per_sequence_layer * num_layers),
+            "lang": np.repeat(lang_codes, rows_per_sequence_layer * num_layers),
+            "layer": np.repeat(np.tile(layer_column, batch), np.repeat(rows_per_sequence_layer, num_layers)),
+            "token": per_token(np.cumsum(mask, axis=1, dtype=np.int32) - 1),
+            "token_id": per_token(routed.input_ids.numpy().astype(np.int32)),
+            "rank": np.tile(np.arange(top_k, dtype=np.int8), triples),
+            # (batch, layers, seq, top_k) read at the kept triples: (triples, top_k), flattened.
+            "expert": _to_grid(routed.expert_ids, batch).numpy()[keep].astype(np.int16).reshape(-1),
+            # Rounded to the nearest float16 (see the module docstring).
+            "weight": _to_grid(routed.weights, batch).numpy()[keep].astype(np.float16).reshape(-1),
+        }
+    )
 
 
-def _sequence_columns(
-    item_code: int,
-    lang_code: int,
-    layer_column: np.ndarray,
-    probabilities: torch.Tensor,
-    expert_ids: torch.Tensor,
-    num_experts: int,
-) -> dict[str, np.ndarray]:
-    """Build the sequence-trace rows of one sequence, one per layer.
-
-    ``probabilities`` is (tokens, layers, experts) and ``expert_ids`` is (tokens, layers, top_k).
-    """
-    num_tokens, num_layers, top_k = expert_ids.shape
-    mean_probabilities = probabilities.mean(dim=0)
-    # xlogy gives 0 for p = 0, where p * log(p) would be NaN.
-    entropy = -torch.special.xlogy(probabilities, probabilities).sum(dim=-1).mean(dim=0)
-    selected = expert_ids.permute(1, 0, 2).reshape(num_layers, num_tokens * top_k)
-    counts = torch.zeros((num_layers, num_experts), dtype=torch.int32)
-    counts.scatter_add_(1, selected, torch.ones_like(selected, dtype=torch.int32))
-    return {
-        "item_id": np.full(num_layers, item_code, dtype=np.int64),
-        "lang": np.full(num_layers, lang_code, dtype=np.int64),
-        "layer": layer_column,
-        "n_tokens": np.full(num_layers, num_tokens, dtype=np.int32),
-        "probs": mean_probabilities.cpu().numpy().astype(np.float32, copy=False),
-        "topk_counts": counts.numpy(),
-        "entropy": entropy.cpu().numpy().astype(np.float32, copy=False),
-    }
-
-
-def _token_columns(
-    item_code: int,
-    lang_code: int,
-    layer_column: np.ndarray,
-    token_ids: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-) -> dict[str, np.ndarray]:
-    """Build the token-trace rows of one sequence, ordered by layer, token and rank.
-
-    ``token_ids`` is (tokens,), and ``expert_ids`` and ``weights`` are (tokens, layers, top_k) on the CPU.
-    """
-    num_tokens, num_layers, top_k = expert_ids.shape
-    rows = num_layers * num_tokens * top_k
-    token_positions = np.repeat(np.arange(num_tokens, dtype=np.int32), top_k)
-    token_id_column = np.repeat(token_ids.numpy().astype(np.int32), top_k)
-    return {
-        "item_id": np.full(rows, item_code, dtype=np.int64),
-        "lang": np.full(rows, lang_code, dtype=np.int64),
-        "layer": np.repeat(layer_column, num_tokens * top_k),
-        "token": np.tile(token_positions, num_layers),
-        "token_id": np.tile(token_id_column, num_layers),
-        "rank": np.tile(np.arange(top_k, dtype=np.int8), num_layers * num_tokens),
-        # (tokens, layers, top_k) -> (layers, tokens, top_k), flattened in row order.
-        "expert": expert_ids.permute(1, 0, 2).reshape(-1).numpy().astype(np.int16),
-        "weight": weights.permute(1, 0, 2).reshape(-1).numpy().astype(np.float32),
-    }
+def _to_grid(flat: torch.Tensor, batch: int) -> torch.Tensor:
+    """Reshape (batch * seq, layers, top_k) rows to (batch, layers, seq, top_k)."""
+    return flat.reshape(batch, -1, *flat.shape[1:]).permute(0, 2, 1, 3)
 
 
 class _KeyTable:
