@@ -38,9 +38,9 @@ GENERATION_BASE = 150
 QUICK_BASE = 8
 WORKING_MEMORY_NOTES = {
     "capture": (
-        "the part of the peak that the work adds. Each trace writer buffers up to rows_per_group rows "
-        "(65536 by default) before it writes a row group, and the sequence trace has one row per text "
-        "and MoE layer, so its buffer fills only after 65536 / layers texts"
+        "the part of the peak that the work adds. The token writer buffers up to rows_per_group rows "
+        "(65536 by default) and the sequence writer up to rows_per_group // experts rows (4096 for the 16 experts of the default model) "
+        "before each writes a row group"
     ),
     "generation": "the part of the peak that the work adds; batches of 64 prompts bound it, the outputs kept are short strings",
 }
