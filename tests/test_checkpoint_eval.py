@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ramoe.config import validate_config
 from ramoe.evaluation.base import evaluate_examples
-from ramoe.evaluation.inference import generate_greedy, score_choices
+from ramoe.evaluation.inference import generate_greedy, score_choices, stop_token_ids
 from ramoe.models.loading import load_model
 from ramoe.models.tokenizer import build_byte_tokenizer, build_word_tokenizer
 from ramoe.synthetic.world import World, WorldConfig
@@ -153,3 +153,33 @@ def test_router_parameter_group():
     assert routers["lr_scale"] == 10.0
     assert others["lr_scale"] == 1.0
     assert len(others["params"]) + len(routers["params"]) == len(list(model.parameters()))
+
+
+def test_generation_stops_at_model_stop_token(checkpoint, tiny_world, monkeypatch):
+    """A token in the model's generation config ends a reply like the tokenizer's EOS does."""
+    _, world = tiny_world
+    model, tokenizer = load_model({"kind": "local", "path": str(checkpoint), "dtype": "float32"})
+    prompt = world.task_rows("arith")[0]["prompt"]
+    encoded = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        first_id = int(model(**encoded).logits[0, -1].argmax())
+    original_generate = model.generate
+    new_token_counts = []
+
+    def counting_generate(**kwargs):
+        sequences = original_generate(**kwargs)
+        new_token_counts.append(sequences.shape[1] - kwargs["input_ids"].shape[1])
+        return sequences
+
+    monkeypatch.setattr(model, "generate", counting_generate)
+    model.generation_config.eos_token_id = None
+    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id]
+    if first_id != tokenizer.eos_token_id:
+        generate_greedy(model, tokenizer, [prompt], batch_size=1, max_new_tokens=3)
+        assert new_token_counts.pop() > 1  # up to 3, unless the tokenizer's EOS comes first
+
+    # The greedy first token becomes an end-of-turn token of the model: generation stops after it.
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, first_id]
+    assert stop_token_ids(model, tokenizer) == list(dict.fromkeys([tokenizer.eos_token_id, first_id]))
+    generate_greedy(model, tokenizer, [prompt], batch_size=1, max_new_tokens=3)
+    assert new_token_counts.pop() == 1

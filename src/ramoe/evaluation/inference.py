@@ -81,6 +81,24 @@ def run_in_batches(
     return results
 
 
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Return the token ids that end a generated reply: the tokenizer's EOS and the model's own.
+
+    A chat model can end a turn with a token other than the tokenizer's EOS (Phi-3.5's chat
+    template closes each message with ``<|end|>``) and list it in its generation config's
+    ``eos_token_id``. Without that token a reply would run on past the answer until
+    ``max_new_tokens``.
+    """
+    # NOTE: not checked against the generation configs of the preset models (no hub access here).
+    ids: list[int] = []
+    generation_config = getattr(model, "generation_config", None)
+    for source in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        for token_id in source if isinstance(source, (list, tuple)) else [source]:
+            if token_id is not None and token_id not in ids:
+                ids.append(int(token_id))
+    return ids
+
+
 @torch.inference_mode()
 def generate_greedy(
     model: PreTrainedModel,
@@ -94,9 +112,11 @@ def generate_greedy(
     """Greedy-decode a continuation of every prompt, in batches with left padding and the KV cache.
 
     Left padding puts every prompt's last token at the same position, so one ``generate`` call
-    extends all rows. The new tokens are decoded without special tokens.
+    extends all rows. The new tokens are decoded without special tokens. A row stops at any of
+    ``stop_token_ids``.
     """
     tokenizer.padding_side = "left"
+    stop_ids = stop_token_ids(model, tokenizer)
 
     def generate_batch(batch: list[str]) -> list[str]:
         encoded = tokenizer(batch, return_tensors="pt", padding=True).to(model.device)
@@ -106,7 +126,7 @@ def generate_greedy(
             do_sample=False,
             use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_ids,
         )
         new_tokens = generated[:, encoded["input_ids"].shape[1] :]
         return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
