@@ -13,10 +13,20 @@ TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(autouse=True)
-def offline_hub(monkeypatch):
-    """No test may reach the network: the hub and datasets clients run offline."""
+def offline_hub(monkeypatch, tmp_path_factory):
+    """No test may reach the network: the hub and datasets clients run offline.
+
+    The Hugging Face cache is an empty folder, so a model cached on this machine cannot change
+    a test's result. huggingface_hub reads HF_HUB_CACHE once, at import, so its constant is
+    set as well as the variable that subprocesses read.
+    """
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cache = tmp_path_factory.getbasetemp() / "empty-hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
 
 
 @pytest.fixture

@@ -81,6 +81,7 @@ def test_hub_model_fails_fast(monkeypatch, variable):
         load_model({"kind": "hub", "path": "allenai/OLMoE-1B-7B-0924", "revision": None, "dtype": "bfloat16"})
     assert time.monotonic() - started < PACKAGE_LIMIT_S
     assert "cannot load hub model 'allenai/OLMoE-1B-7B-0924': the hub is offline" in str(error.value)
+    assert "revision 'main' is not in the cache" in str(error.value)
     assert "set model.source to 'local'" in str(error.value)
 
 
@@ -88,7 +89,8 @@ def test_hub_model_stops_workflow_fast(tmp_path, tiny_config):
     result, seconds = run_snakemake(tmp_path, hub_model_config(tiny_config), "-n")
     assert seconds < WORKFLOW_LIMIT_S
     assert result.returncode != 0
-    assert "model.hub_id = 'allenai/OLMoE-1B-7B-0924' needs the Hugging Face hub, but the hub is offline" in result.output
+    assert "model.hub_id = 'allenai/OLMoE-1B-7B-0924' (revision 'main') needs the Hugging Face hub" in result.output
+    assert "the hub is offline (HF_HUB_OFFLINE=1) and the model is not in the cache" in result.output
     assert "set model.source: local with model.path" in result.output
     assert not (tmp_path / "results").exists()
 
@@ -128,3 +130,67 @@ def test_general_text_hub_id_fails_fast(tiny_config, tmp_path):
     assert time.monotonic() - started < PACKAGE_LIMIT_S
     assert "routing.general_text.path = 'Salesforce/wikitext' does not exist" in str(error.value)
     assert "read from a local file only" in str(error.value)
+
+
+def cache_tiny_model(cache, hub_id: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """Save a tiny OLMoE and its tokenizer in the Hugging Face cache layout, as ``hf download`` leaves them."""
+    import huggingface_hub.constants
+    import torch
+    from transformers import AutoModelForCausalLM, OlmoeConfig
+
+    from ramoe.models.tokenizer import build_word_tokenizer
+
+    repo = cache / ("models--" + hub_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    tokenizer = build_word_tokenizer(["tom", "has", "apples"])
+    config = OlmoeConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    assert huggingface_hub.constants.HF_HUB_CACHE == str(cache)
+    return snapshot
+
+
+def test_cached_hub_model_loads_offline(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    snapshot = cache_tiny_model(tmp_path, "example-org/tiny-moe")
+
+    model, tokenizer = load_model({"kind": "hub", "path": "example-org/tiny-moe", "revision": None, "dtype": "float32"})
+    local, _ = load_model({"kind": "local", "path": str(snapshot), "dtype": "float32"})
+    assert model.config.model_type == "olmoe"
+    assert tokenizer.pad_token_id is not None
+    for (name, weight), (_, expected) in zip(model.state_dict().items(), local.state_dict().items(), strict=True):
+        assert weight.equal(expected), name
+
+    # Another revision is not cached, so it fails as an uncached model does.
+    with pytest.raises(RuntimeError, match="revision 'v2' is not in the cache"):
+        load_model({"kind": "hub", "path": "example-org/tiny-moe", "revision": "v2", "dtype": "float32"})
+
+
+def test_cached_hub_model_plans_offline(monkeypatch, tmp_path, tiny_config):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # read by the snakemake subprocess
+    cache_tiny_model(cache, "example-org/tiny-moe")
+    config = copy.deepcopy(tiny_config)
+    config["model"] = {"name": "tiny-moe", "source": "hub", "hub_id": "example-org/tiny-moe", "revision": None,
+                       "dtype": "float32"}
+
+    assert validate_config(config)["model"]["hub_id"] == "example-org/tiny-moe"
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    result, _ = run_snakemake(workdir, config, "-n")
+    assert result.returncode == 0, result.output[-3000:]
+    # The hub model replaces pretraining; every rule that loads it is planned.
+    assert "rule pretrain:" not in result.output
+    for rule in ("evaluate_base", "trace", "finetune"):
+        assert f"rule {rule}:" in result.output, rule

@@ -107,8 +107,8 @@ def test_preset_six_languages_per_task(name):
 def test_preset_local_inputs_exist(name, shared_data, monkeypatch):
     from ramoe.config import check_input_paths
 
-    # check_input_paths also rejects a hub model while the hub is offline; only the local files are
-    # checked here.
+    # check_input_paths also rejects a hub model that is not cached while the hub is offline; only
+    # the local files are checked here.
     monkeypatch.delenv("HF_HUB_OFFLINE")
     config = validate_config(with_data_folder(read_preset(name), shared_data))
     check_input_paths(config)
@@ -148,8 +148,8 @@ def planned_jobs(dry_run_output: str) -> dict[str, int]:
 def test_preset_dry_run(name, shared_data, tmp_path):
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(with_data_folder(read_preset(name), shared_data)), encoding="utf-8")
-    # The config check in rules/common.smk rejects a hub model while HF_HUB_OFFLINE is set, even in
-    # a dry run, so only the data sets stay offline here. A dry run starts no job, so no model is
+    # The config check in rules/common.smk rejects an uncached hub model while HF_HUB_OFFLINE is
+    # set, even in a dry run, so only the data sets stay offline here. A dry run starts no job, so no model is
     # loaded and nothing is downloaded.
     env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env["HF_DATASETS_OFFLINE"] = "1"

@@ -19,6 +19,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from ramoe import hub
+
 SYNTHETIC_TASKS = ("arith", "cause")
 REAL_TASKS = ("mgsm", "xcopa", "xnli", "xquad")
 
@@ -285,16 +287,15 @@ def check_input_paths(config: Mapping, base: str | Path = ".") -> None:
 
 def _check_hub_offline(config: Mapping) -> None:
     """Raise when the config requests a hub model or hub data set while the hub is offline."""
-    if config["model"]["source"] == "hub":
-        # The same variables as ramoe.models.loading.hub_offline, which is not imported here
-        # because importing that module loads torch on every dry run.
-        variables = [name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-                     if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")]
-        if variables:
+    variable = hub.offline_variable()
+    if config["model"]["source"] == "hub" and variable is not None:
+        hub_id, revision = config["model"]["hub_id"], config["model"].get("revision")
+        if hub.cached_snapshot(hub_id, revision) is None:
             raise ConfigError(
-                f"model.hub_id = {config['model']['hub_id']!r} needs the Hugging Face hub, but the hub is offline "
-                f"({variables[0]}={os.environ[variables[0]]}). Download the checkpoint on a connected machine "
-                "and set model.source: local with model.path pointing at its folder."
+                f"model.hub_id = {hub_id!r} (revision {revision or 'main'!r}) needs the Hugging Face hub, but the "
+                f"hub is offline ({variable}={os.environ[variable]}) and the model is not in the cache "
+                f"{hub.cache_folder()}. Download it there on a connected machine (hf download "
+                f"{hub_id}), or set model.source: local with model.path pointing at its folder."
             )
     if config["data"]["source"] == "real":
         from ramoe.data.real import require_hub_online

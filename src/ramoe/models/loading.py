@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ramoe import hub
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def hub_offline() -> bool:
-    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def load_model(source: Mapping, *, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -27,8 +23,9 @@ def load_model(source: Mapping, *, device: str = "cpu") -> tuple[PreTrainedModel
     ``source`` has ``kind`` (``local`` or ``hub``), ``path`` (a folder or a hub id), ``revision``
     and ``dtype``, and optionally ``device_map`` (``model.device_map``). Without a device map the
     model is moved to ``device``. With one (e.g. ``auto``), transformers and accelerate spread
-    the layers over every visible GPU, then CPU memory, and ``device`` is ignored. A hub id fails
-    at once when the hub is offline, instead of waiting on the network.
+    the layers over every visible GPU, then CPU memory, and ``device`` is ignored. While the hub
+    is offline a hub id loads from its folder in the local Hugging Face cache, and fails at once
+    when it is not cached, instead of waiting on the network.
     """
     kind, path, dtype_name = source["kind"], source["path"], source.get("dtype", "float32")
     if dtype_name not in DTYPES:
@@ -42,13 +39,20 @@ def load_model(source: Mapping, *, device: str = "cpu") -> tuple[PreTrainedModel
             )
         kwargs: dict = {}
     elif kind == "hub":
-        if hub_offline():
-            raise RuntimeError(
-                f"cannot load hub model {path!r}: the hub is offline (HF_HUB_OFFLINE is set). "
-                "Download it on a connected machine and set model.source to 'local' with model.path "
-                "pointing at the folder."
-            )
-        kwargs = {"revision": source.get("revision") or "main"}
+        revision = source.get("revision") or "main"
+        kwargs = {"revision": revision}
+        variable = hub.offline_variable()
+        if variable is not None:
+            snapshot = hub.cached_snapshot(path, revision)
+            if snapshot is None:
+                raise RuntimeError(
+                    f"cannot load hub model {path!r}: the hub is offline ({variable} is set) and revision "
+                    f"{revision!r} is not in the cache {hub.cache_folder()}. Download it there on a connected "
+                    f"machine (hf download {path}), or set model.source to 'local' with model.path pointing "
+                    "at its folder."
+                )
+            log.info("the hub is offline: loading %s (revision %s) from the cache folder %s", path, revision, snapshot)
+            path, kwargs = str(snapshot), {}
     else:
         raise ValueError(f"model source kind {kind!r} is not 'local' or 'hub'.")
 
