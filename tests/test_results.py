@@ -236,7 +236,33 @@ def test_main_results_train_lang_and_ci():
     for record in table.iter_rows(named=True):
         assert record["ci_low"] <= record["accuracy"] <= record["ci_high"]
     assert table.columns == ["model", "task", "lang", "train_lang", "method", "seed", "n", "accuracy", "ci_low",
-                             "ci_high", "parse_failure_rate"]
+                             "ci_high", "parse_failure_rate", "f1"]
+    # No span-answer task and no score column: f1 is null.
+    assert table["f1"].null_count() == table.height
+
+
+def test_f1_of_span_answers_by_hand():
+    """Token F1 averages over items (and over seeds in the summary); exact match stays the accuracy."""
+    span_rows = examples({("base", 0, "de", None): "10", ("sft", 0, "de", "de"): "11",
+                          ("sft", 1, "de", "de"): "01"}, set())
+    scores = {("base", 0): [1.0, 0.5], ("sft", 0): [1.0, 1.0], ("sft", 1): [0.25, 1.0]}
+    span_rows = span_rows.with_columns(
+        score=pl.Series([value for key in scores for value in scores[key]], dtype=pl.Float64),
+        task=pl.lit("xquad"),
+    )
+    numeric_rows = examples({("base", 0, "de", None): "10"}, set()).with_columns(score=pl.lit(None, pl.Float64))
+    frame = pl.concat([span_rows, numeric_rows])
+
+    table = main_results(frame, n_boot=N_BOOT, seed=0)
+    assert row(table, task="xquad", method="base")["f1"] == 0.75
+    assert row(table, task="xquad", method="base")["accuracy"] == 0.5
+    assert row(table, task="xquad", method="sft", seed=1)["f1"] == 0.625
+    assert row(table, task="t", method="base")["f1"] is None
+
+    summary = method_summary(frame, n_boot=N_BOOT, seed=0)
+    assert row(summary, task="xquad", method="sft")["f1"] == pytest.approx((1.0 + 1.0 + 0.25 + 1.0) / 4)
+    assert row(summary, task="xquad", method="sft")["accuracy"] == 0.75
+    assert row(summary, task="t", method="base")["f1"] is None
 
 
 def test_main_results_method_order():

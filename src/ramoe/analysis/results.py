@@ -52,6 +52,8 @@ def _test_rows(examples: pl.DataFrame) -> pl.DataFrame:
     """Validate a per-example frame and return its test rows with train_lang "" where null.
 
     ``correct`` and ``parse_failure`` become Float64 (1.0 = true) so that their means are rates.
+    ``score`` (the token F1 of span answers, null for other tasks) is kept as Float64, and is
+    null throughout when the frame has no such column.
     """
     missing = [column for column in REQUIRED_COLUMNS if column not in examples.columns]
     if missing:
@@ -76,6 +78,7 @@ def _test_rows(examples: pl.DataFrame) -> pl.DataFrame:
         pl.col("train_lang").cast(pl.String).fill_null(""),
         pl.col("seed").cast(pl.Int64),
         pl.col("correct", "parse_failure").cast(pl.Float64),
+        (pl.col("score") if "score" in examples.columns else pl.lit(None)).cast(pl.Float64).alias("score"),
     )
     _check_train_lang(rows)
 
@@ -131,9 +134,10 @@ def main_results(examples: pl.DataFrame, *, n_boot: int, seed: int) -> pl.DataFr
     """Compute test accuracy per (model, task, lang, train_lang, method, seed).
 
     Columns: model, task, lang, train_lang ("" for base and steering), method, seed, n (test
-    items), accuracy, ci_low and ci_high (percentile bootstrap over items, 95%), and
-    parse_failure_rate. Rows are sorted by model, task, lang, the order of METHODS, train_lang
-    and seed. Raises ValueError for a method outside METHODS, a frame without test rows or an
+    items), accuracy, ci_low and ci_high (percentile bootstrap over items, 95%),
+    parse_failure_rate, and f1: the mean token F1 of span-answer tasks (XQuAD), where accuracy
+    is exact match, and null for other tasks. Rows are sorted by model, task, lang, the order of
+    METHODS, train_lang and seed. Raises ValueError for a method outside METHODS, a frame without test rows or an
     item evaluated twice.
     """
     rows = _test_rows(examples)
@@ -141,6 +145,7 @@ def main_results(examples: pl.DataFrame, *, n_boot: int, seed: int) -> pl.DataFr
         n=pl.len(),
         accuracy=pl.col("correct").mean(),
         parse_failure_rate=pl.col("parse_failure").mean(),
+        f1=_f1_mean(),
         _scores=pl.col("correct"),
     )
     # Every group resamples from the same seed, so a group's interval does not depend on
@@ -151,8 +156,14 @@ def main_results(examples: pl.DataFrame, *, n_boot: int, seed: int) -> pl.DataFr
         ci_low=pl.Series([low for low, _ in intervals], dtype=pl.Float64),
         ci_high=pl.Series([high for _, high in intervals], dtype=pl.Float64),
     )
-    columns = [*SYSTEM_KEYS, "seed", "n", "accuracy", "ci_low", "ci_high", "parse_failure_rate"]
+    columns = [*SYSTEM_KEYS, "seed", "n", "accuracy", "ci_low", "ci_high", "parse_failure_rate", "f1"]
     return _sort_rows(table.select(columns), "seed")
+
+
+def _f1_mean() -> pl.Expr:
+    """Mean token F1 over the rows, or null unless every row has one (a span-answer task)."""
+    score = pl.col("score")
+    return pl.when(score.null_count() == 0).then(score.mean()).otherwise(None).cast(pl.Float64)
 
 
 def _warn_items_differ_from_base(summary_items: dict[tuple, list[str]]) -> None:
@@ -170,7 +181,8 @@ def method_summary(examples: pl.DataFrame, *, n_boot: int, seed: int) -> pl.Data
 
     Columns: the keys, n_seeds, n (test items), accuracy (mean over seeds and items),
     ci_low and ci_high (percentile bootstrap, 95%, over items of the per-item mean over
-    seeds), parse_failure_rate and gain_over_base. gain_over_base is the accuracy minus the
+    seeds), parse_failure_rate, f1 (as in ``main_results``, over seeds and items) and
+    gain_over_base. gain_over_base is the accuracy minus the
     base accuracy on the same model, task and lang, and null where no base row exists.
     Rows are sorted like ``main_results``.
     Raises ValueError when the seeds of one system cover different test items.
@@ -190,10 +202,11 @@ def method_summary(examples: pl.DataFrame, *, n_boot: int, seed: int) -> pl.Data
             "ci_low": low,
             "ci_high": high,
             "parse_failure_rate": float(system["parse_failure"].mean()),
+            "f1": system.select(_f1_mean()).item(),
         })
     _warn_items_differ_from_base(items_by_system)
 
-    summary = pl.DataFrame(records)
+    summary = pl.DataFrame(records).with_columns(pl.col("f1").cast(pl.Float64))
     base = summary.filter(pl.col("method") == "base").select("model", "task", "lang", _base_accuracy="accuracy")
     summary = (
         summary.join(base, on=["model", "task", "lang"], how="left")
