@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO
 from ramoe.config import ConfigError, check_input_paths, validate_config
 from ramoe.data.real import load_mgsm, load_xcopa
-from ramoe.models.loading import load_model
+from ramoe.models.loading import load_model, model_revision
 from ramoe.routing.run import read_general_text
 
 # A hub request that waits on an unreachable network takes minutes, so 10 s separates a fast
@@ -168,6 +168,10 @@ def test_cached_hub_model_loads_offline(monkeypatch, tmp_path):
     assert tokenizer.pad_token_id is not None
     for (name, weight), (_, expected) in zip(model.state_dict().items(), local.state_dict().items(), strict=True):
         assert weight.equal(expected), name
+
+    commit = snapshot.name
+    assert model_revision({"kind": "hub", "path": "example-org/tiny-moe"}) == f"example-org/tiny-moe@main (commit {commit})"
+    assert model_revision({"kind": "hub", "path": "example-org/other"}) == "example-org/other@main"
 
     # Another revision is not cached, so it fails as an uncached model does.
     with pytest.raises(RuntimeError, match="revision 'v2' is not in the cache"):

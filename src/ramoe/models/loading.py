@@ -76,9 +76,16 @@ def load_model(source: Mapping, *, device: str = "cpu") -> tuple[PreTrainedModel
 
 
 def model_revision(source: Mapping) -> str:
-    """Describe the model revision for provenance: the hub revision, or a hash of a local folder's weights and config."""
+    """Describe the model revision for provenance: the hub revision, or a hash of a local folder's weights and config.
+
+    A hub revision such as ``main`` moves when the model's owners push. When the model is in the
+    local cache, which ``load_model`` fills, the description adds the commit it resolves to there.
+    """
     if source["kind"] == "hub":
-        return f"{source['path']}@{source.get('revision') or 'main'}"
+        revision = source.get("revision") or "main"
+        snapshot = hub.cached_snapshot(source["path"], revision)
+        commit = "" if snapshot is None else f" (commit {snapshot.name})"
+        return f"{source['path']}@{revision}{commit}"
     digest = hashlib.sha256()
     folder = Path(source["path"])
     for name in sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors")):
