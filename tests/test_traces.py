@@ -218,6 +218,13 @@ def test_schema_types_and_encodings(model, tokenizer, tmp_path):
     assert "RLE_DICTIONARY" in encodings["item_id"]
     assert "RLE_DICTIONARY" in encodings["lang"]
     assert "BYTE_STREAM_SPLIT" in encodings["weight"]
+    sequence_columns = pq.ParquetFile(paths["sequence"]).metadata.row_group(0)
+    sequence_encodings = {
+        sequence_columns.column(i).path_in_schema: sequence_columns.column(i).encodings
+        for i in range(sequence_columns.num_columns)
+    }
+    assert "BYTE_STREAM_SPLIT" in sequence_encodings["probs.list.element"]
+    assert "BYTE_STREAM_SPLIT" in sequence_encodings["topk_counts.list.element"]
 
     table = pq.read_table(paths["token"])
     assert table.schema.field("item_id").type == TOKEN_TRACE_SCHEMA.field("item_id").type

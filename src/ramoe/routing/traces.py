@@ -86,12 +86,16 @@ SEQUENCE_TRACE_SCHEMA = pa.schema(
 # the token trace of a random 4-layer, 64-expert, top-8 OLMoE over 200 texts (14.8k tokens).
 # Dictionary encoding of all integer columns and BYTE_STREAM_SPLIT of the weights gave 1.80 MB.
 # Dictionary encoding of item_id, lang, layer and rank only gave 2.25 MB.
-# The same options gained nothing on the sequence trace.
 _TOKEN_ENCODINGS = {
     "use_dictionary": ["item_id", "lang", "layer", "token", "token_id", "rank", "expert"],
     "use_byte_stream_split": ["weight"],
 }
-_SEQUENCE_ENCODINGS = {"use_dictionary": ["item_id", "lang", "layer"]}
+# BYTE_STREAM_SPLIT of the list values made the English arith sequence trace of the default model
+# 15% smaller (241 kB to 204 kB) than plain zstd.
+_SEQUENCE_ENCODINGS = {
+    "use_dictionary": ["item_id", "lang", "layer"],
+    "use_byte_stream_split": ["probs.list.element", "topk_counts.list.element", "entropy"],
+}
 
 # Metadata fields that capture_traces computes itself, so a caller's provenance must not set them.
 _COMPUTED_METADATA_FIELDS = frozenset(
