@@ -139,14 +139,21 @@ def compare_default_noop(results: Path, repeats: int, floor: harness.Timing) -> 
         mirror_tree(root, mirror)
         timing, output = harness.time_command(snakemake_command(mirror, "-n", "--cores", "1"), repeats)
     planned = planned_jobs(output)
-    state = "reports 'Nothing to be done'" if NOTHING_TO_DO in output else f"plans {sum(planned.values())} jobs {planned}"
     jobs = len(list((results / "logs").rglob("*.log")))
+    reference_label = "snakemake -n of a one-rule Snakefile with nothing to do (Snakemake's start-up)"
+    if NOTHING_TO_DO in output:
+        return harness.entry(
+            "no-op dry run, finished default tree", stage=STAGE, ours=timing, reference=floor, unit="s",
+            target=("ours", "<=", 3.0),
+            ours_label=f"snakemake -n on a hard-link mirror of the finished default tree ({jobs} job logs)",
+            reference_label=reference_label, check="-n reports 'Nothing to be done'",
+        )
+    # An unfinished or outdated tree is no no-op, so its time is reported without the target.
     return harness.entry(
-        "no-op dry run, finished default tree", stage=STAGE, ours=timing, reference=floor, unit="s",
-        target=("ours", "<=", 3.0),
-        ours_label=f"snakemake -n on a hard-link mirror of the finished default tree ({jobs} job logs)",
-        reference_label="snakemake -n of a one-rule Snakefile with nothing to do (Snakemake's start-up)",
-        check=f"-n {state}",
+        f"dry run of the default tree, {sum(planned.values())} jobs planned", stage=STAGE, ours=timing,
+        reference=floor, unit="s",
+        ours_label=f"snakemake -n on a hard-link mirror of the default tree ({jobs} job logs)",
+        reference_label=reference_label, check=f"-n plans {planned}",
     )
 
 
@@ -166,7 +173,7 @@ def compare_lambda_change(tree: Path) -> dict:
         raise RuntimeError(f"snakemake -n after the lambda change failed:\n{completed.stderr[-3000:]}")
     planned = planned_jobs(_output(completed))
     record = harness.entry(
-        "jobs rerun after finetune.alignment.lambda changes", stage=STAGE, ours=sum(planned.values()),
+        "jobs rerun after finetune.alignment.lambda changes, tiny-config tree", stage=STAGE, ours=sum(planned.values()),
         reference=sum(expected.values()), unit="jobs", ours_label=f"snakemake -n plans {planned}",
         reference_label=f"ramoe training and what follows it: {expected}",
     )
