@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ramoe.analysis.figures import plot_ci_vs_gain, plot_main_results
+from ramoe.analysis.figures import merged_labels, plot_ci_vs_gain, plot_main_results
 from ramoe.analysis.results import METHODS, ci_vs_gain, main_results, method_summary
 from ramoe.analysis.stats import bootstrap_mean_ci, correlation, paired_difference
 
@@ -433,3 +433,14 @@ def test_plot_ci_vs_gain_two_points(tmp_path):
     pdf, png = tmp_path / "two.pdf", tmp_path / "two.png"
     plot_ci_vs_gain(table, pdf, png)
     assert_written(pdf, png)
+
+
+def test_merged_labels_join_overlapping_points():
+    labels = ["xa", "xb", "xc", "xd"]
+    x = np.array([0.0, 0.007, 0.44, 0.01])
+    y = np.array([0.0, 0.0, 0.0, 0.0005])
+    # Spans 0.88 (x) and 0.09 (y): xa, xb and xd lie within 3% of both, xc is far away on x.
+    merged = merged_labels(labels, x, y, (0.88, 0.09))
+    assert merged == [("xa, xb, xd", 0.0, 0.0), ("xc", 0.44, 0.0)]
+    assert merged_labels(["xa", "xb"], np.array([0.1, 0.9]), np.array([0.0, 0.0]), (0.8, 0.0)) == [
+        ("xa", 0.1, 0.0), ("xb", 0.9, 0.0)]

@@ -145,6 +145,28 @@ def _correlation_text(table: pl.DataFrame) -> str:
     return f"Pearson r = {pearson:.2f}, Spearman \u03c1 = {spearman:.2f}, n = {n_pairs} task-language pairs"
 
 
+def merged_labels(
+    labels: list[str], x: np.ndarray, y: np.ndarray, spans: tuple[float, float], closeness: float = 0.03
+) -> list[tuple[str, float, float]]:
+    """Join the labels of points that would overlap into one, as (text, x, y) at the first point's place.
+
+    Two points overlap when they are closer than ``closeness`` times the axis span (``spans`` is
+    (x span, y span)) on both axes; a zero span counts every point as close on that axis. Labels
+    keep their order, joined with ", ".
+    """
+    groups: list[tuple[list[str], float, float]] = []
+    for label, x_value, y_value in zip(labels, x, y, strict=True):
+        for names, group_x, group_y in groups:
+            close_x = abs(x_value - group_x) <= closeness * spans[0]
+            close_y = abs(y_value - group_y) <= closeness * spans[1]
+            if close_x and close_y:
+                names.append(label)
+                break
+        else:
+            groups.append(([label], float(x_value), float(y_value)))
+    return [(", ".join(names), group_x, group_y) for names, group_x, group_y in groups]
+
+
 def plot_ci_vs_gain(table: pl.DataFrame, pdf: str | Path, png: str | Path) -> None:
     """Scatter RA-MoE's test accuracy gain over SFT (with CI) against the ci share of train items.
 
@@ -158,6 +180,9 @@ def plot_ci_vs_gain(table: pl.DataFrame, pdf: str | Path, png: str | Path) -> No
     models = sorted(table["model"].unique().to_list())
     colors = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+    # Axis spans, for deciding which points are close enough to share one label.
+    spans = (float(np.ptp(table["ci_share"].to_numpy())),
+             float(np.ptp(np.concatenate([table["gain_ci_low"].to_numpy(), table["gain_ci_high"].to_numpy()]))))
 
     for model_index, model in enumerate(models):
         for task_index, task in enumerate(tasks):
@@ -172,8 +197,8 @@ def plot_ci_vs_gain(table: pl.DataFrame, pdf: str | Path, png: str | Path) -> No
             ax.errorbar(x, y, yerr=[below, above], fmt=TASK_MARKERS[task_index % len(TASK_MARKERS)], ms=6,
                         color=colors(task_index % 10), fillstyle=MODEL_FILLSTYLES[model_index % len(MODEL_FILLSTYLES)],
                         ecolor="0.5", elinewidth=0.8, capsize=3, label=label)
-            for lang, x_value, y_value in zip(rows["lang"].to_list(), x, y, strict=True):
-                ax.annotate(lang, (x_value, y_value), xytext=(4, 4), textcoords="offset points", fontsize=7)
+            for text, x_value, y_value in merged_labels(rows["lang"].to_list(), x, y, spans):
+                ax.annotate(text, (x_value, y_value), xytext=(4, 4), textcoords="offset points", fontsize=7)
 
     ax.axhline(0.0, color="0.5", lw=0.8, ls="--")
     x_all = table["ci_share"].to_numpy()
