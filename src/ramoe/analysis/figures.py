@@ -150,9 +150,9 @@ def merged_labels(
 ) -> list[tuple[str, float, float]]:
     """Join the labels of points that would overlap into one, as (text, x, y) at the first point's place.
 
-    Two points overlap when they are closer than ``closeness`` times the axis span (``spans`` is
-    (x span, y span)) on both axes; a zero span counts every point as close on that axis. Labels
-    keep their order, joined with ", ".
+    Two points overlap when they are closer than ``closeness`` times the axis span on both axes.
+    ``spans`` is (x span, y span), and a zero span counts every point as close on that axis.
+    Labels keep their order, joined with ", ".
     """
     groups: list[tuple[list[str], float, float]] = []
     for label, x_value, y_value in zip(labels, x, y, strict=True):
