@@ -148,7 +148,7 @@ def compare_default_noop(results: Path, repeats: int, floor: harness.Timing) -> 
             ours_label=f"snakemake -n on a hard-link mirror of the finished default tree ({jobs} job logs)",
             reference_label=reference_label, check="-n reports 'Nothing to be done'",
         )
-    # An unfinished or outdated tree is no no-op, so its time is reported without the target.
+    # A dry run of an unfinished or outdated tree plans jobs, so its time is reported without the target.
     return harness.entry(
         f"dry run of the default tree, {sum(planned.values())} jobs planned", stage=STAGE, ours=timing,
         reference=floor, unit="s",

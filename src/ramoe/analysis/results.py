@@ -137,8 +137,8 @@ def main_results(examples: pl.DataFrame, *, n_boot: int, seed: int) -> pl.DataFr
     items), accuracy, ci_low and ci_high (percentile bootstrap over items, 95%),
     parse_failure_rate, and f1: the mean token F1 of span-answer tasks (XQuAD), where accuracy
     is exact match, and null for other tasks. Rows are sorted by model, task, lang, the order of
-    METHODS, train_lang and seed. Raises ValueError for a method outside METHODS, a frame without test rows or an
-    item evaluated twice.
+    METHODS, train_lang and seed. Raises ValueError for a method outside METHODS, a frame
+    without test rows or an item evaluated twice.
     """
     rows = _test_rows(examples)
     table = rows.group_by(*SYSTEM_KEYS, "seed").agg(
@@ -182,8 +182,8 @@ def method_summary(examples: pl.DataFrame, *, n_boot: int, seed: int) -> pl.Data
     Columns: the keys, n_seeds, n (test items), accuracy (mean over seeds and items),
     ci_low and ci_high (percentile bootstrap, 95%, over items of the per-item mean over
     seeds), parse_failure_rate, f1 (as in ``main_results``, over seeds and items) and
-    gain_over_base. gain_over_base is the accuracy minus the
-    base accuracy on the same model, task and lang, and null where no base row exists.
+    gain_over_base: the accuracy minus the base accuracy on the same model, task and lang, null
+    where no base row exists.
     Rows are sorted like ``main_results``.
     Raises ValueError when the seeds of one system cover different test items.
     """

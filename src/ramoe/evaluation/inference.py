@@ -86,7 +86,7 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 
     A chat model can end a turn with a token other than the tokenizer's EOS (Phi-3.5's chat
     template closes each message with ``<|end|>``) and list it in its generation config's
-    ``eos_token_id``. Without that token a reply would run on past the answer until
+    ``eos_token_id``. Without that token a reply would run on past its end until
     ``max_new_tokens``.
     """
     # NOTE: not checked against the generation configs of the preset models (no hub access here).

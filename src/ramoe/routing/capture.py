@@ -193,7 +193,7 @@ class RouterCapture:
 
 
 def _sorted_by_weight(ids: torch.Tensor, weights: torch.Tensor, selection: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort top-k columns by weight, descending; a stable sort keeps the router's order among ties."""
+    """Sort top-k columns by weight, descending. A stable sort keeps the router's order among ties."""
     if selection in _SORTED_SELECTIONS:
         return ids, weights
     weights, order = weights.sort(dim=-1, descending=True, stable=True)

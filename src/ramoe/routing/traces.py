@@ -3,24 +3,23 @@
 ``capture_traces`` runs batched forward passes under ``RouterCapture`` and writes two files:
 
 * the token trace, one row per (item, lang, layer, token, rank): the expert the router
-  selected at that rank and its weight, as ``RouterCapture.top_k`` recomputes them. The weight
-  is stored as float16 (absolute error at most 2.4e-4 for a weight in [0, 1]), which halves
-  the file: at top-2 of 16 experts a float32 weight column was 86% of its bytes;
+  selected at that rank and its weight, as ``RouterCapture.all_layers`` returns them. The
+  weight is stored as float16 (absolute error at most 2.4e-4 for a weight in [0, 1]), which
+  halves the file, because at top-2 of 16 experts a float32 weight column was 86% of its bytes.
 * the sequence trace, one row per (item, lang, layer): the mean routing distribution over the
   sequence's tokens, how many tokens selected each expert, and the mean routing entropy.
 
 Padding never reaches a file: each forward call's rows are read through its attention mask,
 and ``token`` counts only non-padding tokens, so the special tokens the tokenizer adds (BOS) are
-token 0. Rows are written in input order, and inside one
-sequence by layer, token and rank.
+token 0. Rows are written in input order, and inside one sequence by layer, token and rank.
 
 Both files are written through ``ParquetWriter`` in row groups, so memory stays flat however
 many texts are traced, and only renamed to their final paths once complete. The token trace's
-row groups hold ``rows_per_group`` rows. A sequence-trace row carries two values per expert, not
-one, so its row groups hold ``rows_per_group // num_experts`` rows (at least 1). With the token
-trace's size for both, the sequence writer held every row of a 1000-text run until the end, and
-the working memory grew 1.44 times from 500 to 1000 texts (BENCHMARKS.md). The provenance is stored as JSON in the Parquet schema metadata under
-``METADATA_KEY``.
+row groups hold ``rows_per_group`` rows. A sequence-trace row carries two values per expert, so
+its row groups hold ``rows_per_group // num_experts`` rows (at least 1), which keeps its buffer
+no larger than the token writer's. With 65536 rows for both, the sequence writer held every row
+of a 1000-text run until the end, and the working memory grew 1.44 times from 500 to 1000 texts.
+The provenance is stored as JSON in the Parquet schema metadata under ``METADATA_KEY``.
 """
 
 from __future__ import annotations
